@@ -1,0 +1,417 @@
+"""A party on the wire: envelope + MQTT transport + blob transfer with resume.
+
+An :class:`Endpoint` is what the edge SDK and the aggregator use. It sends typed messages
+(:mod:`bridge.messages`) and blobs to other parties, receives, verifies and decrypts what is
+addressed to it, and keeps serving whatever arrives: every rejected frame is counted by its
+typed error code (``endpoint.rejected``) and logged, never raised into the network loop.
+
+Routing follows DESIGN.md: a client talks only to the aggregator (its up topic) and listens on
+its down topic and the broadcast topic; the aggregator listens on every up topic (or a shared
+subscription when several ingest workers share the load) and the presence topics.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import os
+import queue
+import threading
+import time
+from collections import Counter, OrderedDict, deque
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .blobs import (
+    DEFAULT_CHUNK_SIZE,
+    DEFAULT_SPILL_THRESHOLD,
+    Assembly,
+    BlobResult,
+    OutgoingBlob,
+    OutgoingStore,
+    from_ranges,
+    to_ranges,
+)
+from .codec import Message, decode, encode
+from .envelope import BROADCAST, ENVELOPE_OVERHEAD, Header, ReplayGuard, Sealer, UnknownKey
+from .errors import (
+    BlobIntegrityError,
+    BridgeError,
+    MalformedMessage,
+    StaleRound,
+    TamperedMessage,
+    TransportError,
+)
+from .keys import Directory, Identity
+from .messages import BlobAck, BlobRef, ChunkRequest, ErrorReport, KeyGrant
+from .topics import Topics
+from .transport import BrokerConfig, MqttTransport
+
+log = logging.getLogger(__name__)
+
+CHUNK = "chunk"  # envelope type of blob chunks: their body is raw bytes, not a Message
+
+
+@dataclass
+class EndpointConfig:
+    chunk_size: int = DEFAULT_CHUNK_SIZE
+    #: the application's own limit per MQTT message; brokers drop or disconnect above theirs
+    max_message_bytes: int = DEFAULT_CHUNK_SIZE + 2 * ENVELOPE_OVERHEAD
+    spill_dir: str | None = None
+    spill_threshold: int = DEFAULT_SPILL_THRESHOLD
+    stall_timeout_s: float = 3.0  # no new chunk for this long -> ask for the missing ones
+    max_resume_requests: int = 50
+    publish_window: int = 32  # chunks in flight before the sender waits for broker acks
+    replay_window_s: float = 600.0
+    max_skew_s: float = 120.0
+    parked_frames: int = 1024  # frames held while their content key is on its way
+    share_group: str | None = None  # aggregator ingest workers: $share/<group>/... subscription
+
+    def __post_init__(self) -> None:
+        if self.chunk_size <= 0:
+            raise ValueError("chunk_size must be > 0")
+        if self.chunk_size + ENVELOPE_OVERHEAD > self.max_message_bytes:
+            raise ValueError(
+                f"chunk_size {self.chunk_size} + envelope overhead {ENVELOPE_OVERHEAD} exceeds max_message_bytes "
+                f"{self.max_message_bytes}: lower chunk_size (brokers such as AWS IoT allow 128 KB per message)")
+
+
+@dataclass
+class Inbound:
+    sender: str
+    header: Header
+    message: Message
+
+
+@dataclass
+class _Incoming:
+    assembly: Assembly
+    sender: str
+    round: int
+    requests: int = 0
+    done: threading.Event = field(default_factory=threading.Event)
+    result: BlobResult | None = None
+    error: BridgeError | None = None
+
+
+class Endpoint:
+    def __init__(self, identity: Identity, directory: Directory, broker: BrokerConfig,
+                 config: EndpointConfig | None = None, clock=time.time):
+        self.identity, self.directory = identity, directory
+        self.me = identity.party_id
+        self.role = identity.role
+        self.config = config or EndpointConfig()
+        self.topics = Topics(directory.federation)
+        self.sealer = Sealer(identity, directory, max_message_bytes=self.config.max_message_bytes,
+                             replay=ReplayGuard(self.config.replay_window_s, self.config.max_skew_s, clock), clock=clock)
+        self.rejected: Counter[str] = Counter()
+        self.recent_errors: deque[str] = deque(maxlen=100)
+        self.presence: dict[str, dict] = {}
+        self.round_floor = 0
+        self._inbox: queue.Queue[Inbound] = queue.Queue()
+        self._outgoing = OutgoingStore()
+        self._out_meta: dict[str, tuple[str | None, str, int]] = {}  # sha -> (kid, recipient, round)
+        self._incoming: dict[str, _Incoming] = {}
+        self._finished: OrderedDict[str, float] = OrderedDict()  # recently handed-over blobs
+        self._lock = threading.RLock()
+        self._parked: dict[str, deque] = {}
+        self._parked_count = 0
+        status_topic = self.topics.status(self.me)
+        self.transport = MqttTransport(
+            broker, client_id=f"{directory.federation}-{self.me}", handler=self._on_frame,
+            will=(status_topic, _presence("offline")), online=(status_topic, _presence("online")))
+        self._stop = threading.Event()
+        self._monitor: threading.Thread | None = None
+
+    # -- lifecycle ------------------------------------------------------------------------
+    def start(self, timeout: float = 15.0) -> Endpoint:
+        t = self.topics
+        if self.role == "aggregator":
+            self.transport.subscribe(t.shared_up(self.config.share_group) if self.config.share_group else t.up_wildcard)
+            self.transport.subscribe(t.status_wildcard)
+        else:
+            self.transport.subscribe(t.down(self.me))
+            self.transport.subscribe(t.bcast)
+        self.transport.connect(timeout)
+        self._monitor = threading.Thread(target=self._watch_stalls, name=f"cotune-resume-{self.me}", daemon=True)
+        self._monitor.start()
+        return self
+
+    def close(self) -> None:
+        self._stop.set()
+        self.transport.close(graceful_presence=(self.topics.status(self.me), _presence("offline")))
+        if self._monitor is not None:
+            self._monitor.join(timeout=2)
+        with self._lock:
+            for inc in self._incoming.values():
+                if not inc.done.is_set():
+                    inc.assembly.abort()
+
+    def __enter__(self) -> Endpoint:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -- sending --------------------------------------------------------------------------
+    def _topic_to(self, recipient: str) -> str:
+        if recipient == BROADCAST:
+            return self.topics.bcast
+        if self.role == "aggregator":
+            self.directory.recipient(recipient)
+            return self.topics.down(recipient)
+        if recipient != self.directory.aggregator():
+            raise BridgeError(f"clients talk only to the aggregator, not to {recipient!r}")
+        return self.topics.up(self.me)
+
+    def send(self, recipient: str, message: Message, *, round: int = 0, wait: float | None = None) -> str:
+        """Encrypt, sign and publish one message. Raises OversizedMessage before publishing
+        when it does not fit in one MQTT message (large payloads go through send_blob)."""
+        topic = self._topic_to(recipient)
+        frame = self.sealer.seal(recipient, message.TYPE, encode(message), round=round)
+        self.transport.publish(topic, frame, wait=wait)
+        return self.sealer.parse(frame)[0].mid
+
+    def send_blob(self, recipient: str, source: bytes | str | os.PathLike, *, kind: str = "", round: int = 0,
+                  timeout: float = 600.0) -> BlobRef:
+        """Send a blob to one party, chunked; returns its reference (to embed in a message).
+        The blob is kept for resends until acknowledged or expired."""
+        blob = OutgoingBlob(source, self.config.chunk_size, kind)
+        self._outgoing.put(blob)
+        self._out_meta[blob.ref.sha256] = (None, recipient, round)
+        self._publish_chunks(blob, recipient, range(blob.ref.total_chunks), None, round, timeout)
+        return blob.ref
+
+    def broadcast_blob(self, recipients: list[str], source: bytes | str | os.PathLike, *, kind: str = "",
+                       round: int = 0, timeout: float = 600.0) -> BlobRef:
+        """Encrypt a blob once under a fresh content key, grant that key to each recipient
+        (direct-encrypted on its own topic), then publish the chunks once on the broadcast topic."""
+        if self.role != "aggregator":
+            raise BridgeError("only the aggregator broadcasts")
+        key = os.urandom(32)
+        kid = self.sealer.add_content_key(key)
+        for r in recipients:
+            self.send(r, KeyGrant(kid, base64.b64encode(key).decode(), round), round=round)
+        blob = OutgoingBlob(source, self.config.chunk_size, kind)
+        self._outgoing.put(blob)
+        self._out_meta[blob.ref.sha256] = (kid, BROADCAST, round)
+        self._publish_chunks(blob, BROADCAST, range(blob.ref.total_chunks), kid, round, timeout)
+        return blob.ref
+
+    def _publish_chunks(self, blob: OutgoingBlob, recipient: str, indices, kid: str | None, round: int,
+                        timeout: float) -> None:
+        topic = self._topic_to(recipient)
+        ref = blob.ref
+        window: deque = deque()
+        deadline = time.monotonic() + timeout
+        for i in indices:
+            frame = self.sealer.seal(recipient, CHUNK, blob.chunk(i), round=round, kid=kid, blob=ref.sha256, chunk=i,
+                                     total=ref.total_chunks, bsize=ref.size, csize=ref.chunk_size)
+            window.append(self.transport.publish(topic, frame))
+            while len(window) >= self.config.publish_window:
+                if window[0].is_published():
+                    window.popleft()
+                    continue
+                if time.monotonic() > deadline:
+                    raise TransportError(f"blob {ref.sha256[:12]}: broker did not acknowledge chunks within {timeout}s")
+                time.sleep(0.001)
+
+    # -- receiving ------------------------------------------------------------------------
+    def recv(self, timeout: float | None = None) -> Inbound | None:
+        try:
+            return self._inbox.get(timeout=timeout)
+        except queue.Empty:
+            return None
+
+    def fetch_blob(self, ref: BlobRef, sender: str, timeout: float = 600.0) -> BlobResult:
+        """Wait for a blob (that may already be arriving, or may have arrived). Missing chunks
+        are asked for automatically when the transfer stalls. Raises BlobIntegrityError or
+        TransportError on failure."""
+        inc = self._incoming_for(ref, sender, self.round_floor)
+        if not inc.done.wait(timeout):
+            raise TransportError(f"blob {ref.sha256[:12]} from {sender} not complete after {timeout}s "
+                                 f"({inc.assembly.received}/{inc.assembly.total} chunks)")
+        with self._lock:
+            self._incoming.pop(ref.sha256, None)
+            self._finished[ref.sha256] = time.monotonic()
+            while len(self._finished) > 4096:
+                self._finished.popitem(last=False)
+        if inc.error is not None:
+            raise inc.error
+        return inc.result
+
+    def set_round_floor(self, round: int) -> None:
+        """Messages for rounds below this are rejected as StaleRound from now on."""
+        self.round_floor = max(self.round_floor, round)
+
+    def wire_stats(self) -> dict:
+        s = self.transport.stats
+        return {"bytes_out": s.bytes_out, "bytes_in": s.bytes_in, "messages_out": s.messages_out,
+                "messages_in": s.messages_in, "rejected": dict(self.rejected)}
+
+    # -- internals (transport worker thread) ------------------------------------------------
+    def _reject(self, exc: BridgeError, topic: str) -> None:
+        self.rejected[exc.code] += 1
+        self.recent_errors.append(f"{exc.code}: {exc}")
+        log.warning("%s rejected a frame on %s: %s: %s", self.me, topic, exc.__class__.__name__, exc)
+
+    def _on_frame(self, topic: str, payload: bytes) -> None:
+        try:
+            kind, party = self.topics.parse(topic)
+        except ValueError:
+            self._reject(MalformedMessage(f"unexpected topic {topic}"), topic)
+            return
+        if kind == "status":
+            self._on_presence(party, payload)
+            return
+        try:
+            opened = self.sealer.open(payload)
+            h = opened.header
+            if kind == "up" and h.sender != party:
+                raise TamperedMessage(f"frame on {party}'s up topic signed by {h.sender!r}")
+            if h.round < self.round_floor:
+                raise StaleRound(f"{h.type} for round {h.round} from {h.sender}; current floor is {self.round_floor}")
+            if h.type == CHUNK:
+                self._on_chunk(h, opened.plaintext)
+                return
+            msg = decode(opened.plaintext)
+            if msg.TYPE != h.type:
+                raise MalformedMessage(f"envelope says {h.type!r} but body is {msg.TYPE!r}")
+        except UnknownKey as exc:
+            self._park(exc.kid, topic, payload)
+            return
+        except BridgeError as exc:
+            self._reject(exc, topic)
+            return
+        self._dispatch(h, msg)
+
+    def _dispatch(self, h: Header, msg: Message) -> None:
+        if isinstance(msg, KeyGrant):
+            kid = self.sealer.add_content_key(base64.b64decode(msg.key))
+            if kid != msg.key_id:
+                self._reject(TamperedMessage("key grant id does not match its key"), "grant")
+                return
+            self._unpark(kid)
+        elif isinstance(msg, ChunkRequest):
+            self._resend(h.sender, msg)
+        elif isinstance(msg, BlobAck):
+            kid, recipient, _ = self._out_meta.get(msg.sha256, (None, "", 0))
+            if recipient == h.sender:  # broadcast blobs stay for the other recipients
+                self._outgoing.release(msg.sha256)
+                self._out_meta.pop(msg.sha256, None)
+        else:
+            self._inbox.put(Inbound(h.sender, h, msg))
+
+    def _on_presence(self, party: str, payload: bytes) -> None:
+        try:
+            state = json.loads(payload) if payload else {"state": "unknown"}
+            if not isinstance(state, dict):
+                raise ValueError("not an object")
+        except ValueError:
+            self._reject(MalformedMessage(f"bad presence payload from {party}"), "status")
+            return
+        self.presence[party] = state
+
+    def _park(self, kid: str, topic: str, payload: bytes) -> None:
+        with self._lock:
+            if self._parked_count >= self.config.parked_frames:
+                self._reject(BridgeError(f"parked-frame buffer full; dropped a frame for key {kid[:8]}"), topic)
+                return
+            self._parked.setdefault(kid, deque()).append((topic, payload))
+            self._parked_count += 1
+
+    def _unpark(self, kid: str) -> None:
+        with self._lock:
+            frames = self._parked.pop(kid, deque())
+            self._parked_count -= len(frames)
+        for topic, payload in frames:
+            self._on_frame(topic, payload)
+
+    def _incoming_for(self, ref: BlobRef, sender: str, round: int) -> _Incoming:
+        with self._lock:
+            inc = self._incoming.get(ref.sha256)
+            if inc is None:
+                inc = _Incoming(Assembly(ref, self.config.spill_dir, self.config.spill_threshold), sender, round)
+                self._incoming[ref.sha256] = inc
+            return inc
+
+    def _on_chunk(self, h: Header, data: bytes) -> None:
+        if not h.blob or h.csize <= 0:
+            raise MalformedMessage("chunk without blob hash or chunk size")
+        try:
+            ref = BlobRef(h.blob, h.bsize, h.csize)
+        except ValueError as exc:
+            raise MalformedMessage(f"bad blob reference in chunk header: {exc}") from None
+        if h.blob in self._finished:
+            return  # a late resend of a blob already handed over
+        inc = self._incoming_for(ref, h.sender, h.round)
+        if inc.done.is_set():
+            return  # a late duplicate of a finished blob
+        a = inc.assembly
+        if (a.ref.size, a.ref.chunk_size, a.total) != (ref.size, ref.chunk_size, h.total):
+            raise MalformedMessage(f"chunk of blob {ref.sha256[:12]} disagrees with its size/chunking")
+        a.add(h.chunk, data)
+        if a.complete:
+            self._complete(inc)
+
+    def _complete(self, inc: _Incoming) -> None:
+        try:
+            inc.result = inc.assembly.finish()
+        except BlobIntegrityError as exc:
+            inc.error = exc
+            self._reject(exc, "blob")
+        inc.done.set()
+        if inc.result is not None:
+            try:
+                self.send(inc.sender, BlobAck(inc.assembly.ref.sha256), round=inc.round)
+            except BridgeError as exc:
+                log.info("could not acknowledge blob %s: %s", inc.assembly.ref.sha256[:12], exc)
+
+    def _resend(self, requester: str, req: ChunkRequest) -> None:
+        blob = self._outgoing.get(req.sha256)
+        kid, _, round = self._out_meta.get(req.sha256, (None, "", 0))
+        if blob is None:
+            self.send(requester, ErrorReport("unknown_blob", "blob no longer held; request it again", req.sha256), round=round)
+            return
+        indices = from_ranges(req.missing, blob.ref.total_chunks)
+        log.info("%s resends %d chunks of %s to %s", self.me, len(indices), req.sha256[:12], requester)
+        # resent on the requester's own topic; broadcast blobs keep their content key
+        self._publish_chunks(blob, requester, indices, kid, round, timeout=600.0)
+
+    def _watch_stalls(self) -> None:
+        while not self._stop.wait(0.25):
+            now = time.monotonic()
+            with self._lock:
+                stalled = [inc for inc in self._incoming.values()
+                           if not inc.done.is_set() and now - inc.assembly.last_progress > self.config.stall_timeout_s]
+            for inc in stalled:
+                if not self.transport.connected:
+                    continue  # ask once we are back; the broker may also still deliver
+                inc.requests += 1
+                inc.assembly.last_progress = now
+                if inc.requests > self.config.max_resume_requests:
+                    inc.error = TransportError(f"blob {inc.assembly.ref.sha256[:12]}: gave up after "
+                                               f"{self.config.max_resume_requests} resume requests")
+                    inc.assembly.abort()
+                    inc.done.set()
+                    continue
+                missing = inc.assembly.missing()
+                log.info("%s asks %s for %d missing chunks of %s", self.me, inc.sender, len(missing),
+                         inc.assembly.ref.sha256[:12])
+                try:
+                    self.send(inc.sender, ChunkRequest(inc.assembly.ref.sha256, to_ranges(missing)), round=inc.round)
+                except BridgeError as exc:
+                    log.warning("resume request failed: %s", exc)
+
+
+def _presence(state: str) -> bytes:
+    return json.dumps({"state": state, "ts": round(time.time(), 3)}).encode()
+
+
+def load_endpoint(party_config: str | os.PathLike, config: EndpointConfig | None = None) -> Endpoint:
+    """An endpoint from a provisioned party config file (``cotune provision``)."""
+    from .provision import load_party_config  # provisioning pulls in x509; keep it off the hot import path
+
+    pc = load_party_config(Path(party_config))
+    return Endpoint(pc.identity, pc.directory, pc.broker_config(), config)

@@ -1,0 +1,171 @@
+"""The typed, versioned messages that cross the wire.
+
+Runtime halves (edge SDK, aggregator, algorithms) exchange only these; there is no
+dict-of-strings contract. Algorithm payloads ride in ``Task.config`` / ``Update.tensors`` /
+blobs whose schemas live beside each algorithm. Adding a field to a message is
+backward compatible (older readers ignore it with a warning); changing a field's meaning
+needs a ``VERSION`` bump.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Optional
+
+from .codec import Message, Tensors, register
+
+
+def _nonneg(name: str, value: int) -> None:
+    if value < 0:
+        raise ValueError(f"{name} must be >= 0, got {value}")
+
+
+@dataclass(frozen=True)
+class BlobRef:
+    """A content-addressed blob that travels separately in chunks (see :mod:`bridge.blobs`).
+    Not a message by itself: it is embedded (as JSON) in the messages that reference it."""
+
+    sha256: str
+    size: int
+    chunk_size: int
+    kind: str = ""  # e.g. "adapter", "emulator", "logits"
+
+    def __post_init__(self) -> None:
+        if len(self.sha256) != 64 or any(c not in "0123456789abcdef" for c in self.sha256):
+            raise ValueError("sha256 must be 64 lowercase hex digits")
+        _nonneg("size", self.size)
+        if self.chunk_size <= 0:
+            raise ValueError("chunk_size must be > 0")
+
+    @property
+    def total_chunks(self) -> int:
+        return max(1, math.ceil(self.size / self.chunk_size))
+
+    def to_json(self) -> dict:
+        return {"sha256": self.sha256, "size": self.size, "chunk_size": self.chunk_size, "kind": self.kind}
+
+    @classmethod
+    def from_json(cls, data: dict) -> BlobRef:
+        try:
+            return cls(str(data["sha256"]), int(data["size"]), int(data["chunk_size"]), str(data.get("kind", "")))
+        except (KeyError, TypeError) as exc:
+            raise ValueError(f"bad blob reference: {exc}") from exc
+
+
+@register
+@dataclass
+class Task(Message):
+    """Aggregator -> client: train in round ``round`` with this algorithm and config; fetch the
+    listed blobs first (by content hash, so a blob already held is not fetched again)."""
+
+    TYPE = "task"
+    VERSION = 1
+    round: int
+    algorithm: str
+    config: dict = field(default_factory=dict)
+    downloads: dict = field(default_factory=dict)  # name -> BlobRef JSON
+    deadline: float = 0.0  # unix time after which the update is late
+    tensors: Tensors = field(default_factory=dict)  # small inline payloads
+
+    def __post_init__(self) -> None:
+        _nonneg("round", self.round)
+        for name, ref in self.downloads.items():
+            BlobRef.from_json(ref)  # validates
+            if not isinstance(name, str):
+                raise ValueError("download names must be strings")
+
+    def blob(self, name: str) -> BlobRef:
+        return BlobRef.from_json(self.downloads[name])
+
+
+@register
+@dataclass
+class Update(Message):
+    """Client -> aggregator: the result of local training for ``round``."""
+
+    TYPE = "update"
+    VERSION = 1
+    round: int
+    algorithm: str
+    num_examples: int
+    metrics: dict = field(default_factory=dict)
+    blobs: dict = field(default_factory=dict)  # name -> BlobRef JSON (large payloads)
+    tensors: Tensors = field(default_factory=dict)  # small payloads inline
+
+    def __post_init__(self) -> None:
+        _nonneg("round", self.round)
+        _nonneg("num_examples", self.num_examples)
+        for ref in self.blobs.values():
+            BlobRef.from_json(ref)
+
+    def blob(self, name: str) -> BlobRef:
+        return BlobRef.from_json(self.blobs[name])
+
+
+@register
+@dataclass
+class KeyGrant(Message):
+    """Aggregator -> one client, over its own (direct-encrypted) down topic: the content key of
+    a broadcast blob, so the blob itself is encrypted once for everybody."""
+
+    TYPE = "key_grant"
+    VERSION = 1
+    key_id: str
+    key: str  # base64 AES-256 key
+    round: int
+
+    def __post_init__(self) -> None:
+        _nonneg("round", self.round)
+
+
+@register
+@dataclass
+class ChunkRequest(Message):
+    """Receiver -> sender: send these chunks of a blob again (the resume path)."""
+
+    TYPE = "chunk_request"
+    VERSION = 1
+    sha256: str
+    missing: list  # [[start, stop), ...] half-open ranges of chunk indices
+
+    def __post_init__(self) -> None:
+        for r in self.missing:
+            if not (isinstance(r, list) and len(r) == 2 and all(isinstance(i, int) for i in r) and 0 <= r[0] < r[1]):
+                raise ValueError(f"bad chunk range {r!r}")
+
+
+@register
+@dataclass
+class BlobAck(Message):
+    """Receiver -> sender: the blob arrived whole and verified; the sender may drop it."""
+
+    TYPE = "blob_ack"
+    VERSION = 1
+    sha256: str
+
+
+@register
+@dataclass
+class ErrorReport(Message):
+    """A typed error that crosses the wire (never a traceback)."""
+
+    TYPE = "error"
+    VERSION = 1
+    code: str
+    detail: str = ""
+    ref: Optional[str] = None  # message id or blob hash the error is about
+    round: int = 0
+
+
+@register
+@dataclass
+class Note(Message):
+    """Free-form, small, typed-by-``kind`` control message (e.g. "join", "leave", "ack",
+    "round_closed"), for signalling that needs no schema of its own."""
+
+    TYPE = "note"
+    VERSION = 1
+    kind: str
+    data: dict = field(default_factory=dict)
+    round: int = 0
