@@ -46,7 +46,7 @@ from .errors import (
 from .keys import Directory, Identity
 from .messages import BlobAck, BlobRef, ChunkRequest, ErrorReport, KeyGrant
 from .topics import Topics
-from .transport import BrokerConfig, MqttTransport
+from .transport import BrokerConfig, MqttTransport, TLSConfig
 
 log = logging.getLogger(__name__)
 
@@ -409,9 +409,20 @@ def _presence(state: str) -> bytes:
     return json.dumps({"state": state, "ts": round(time.time(), 3)}).encode()
 
 
-def load_endpoint(party_config: str | os.PathLike, config: EndpointConfig | None = None) -> Endpoint:
+def broker_config_for(pc, *, host: str | None = None, port: int | None = None, tls: bool | None = None,
+                      protocol: str = "auto") -> BrokerConfig:
+    """The MQTT connection settings of a provisioned party (mTLS with its own certificate), or a
+    plain TCP connection when ``tls=False`` (the embedded broker of the demo)."""
+    use_tls = pc.tls if tls is None else tls
+    return BrokerConfig(
+        host=host or pc.host, port=port or pc.port, protocol=protocol,
+        tls=TLSConfig(str(pc.ca_cert), str(pc.client_cert), str(pc.client_key)) if use_tls else None)
+
+
+def load_endpoint(party_config: str | os.PathLike, config: EndpointConfig | None = None, **broker_overrides) -> Endpoint:
     """An endpoint from a provisioned party config file (``cotune provision``)."""
     from .provision import load_party_config  # provisioning pulls in x509; keep it off the hot import path
 
     pc = load_party_config(Path(party_config))
-    return Endpoint(pc.identity, pc.directory, pc.broker_config(), config)
+    cfg = config or EndpointConfig(max_message_bytes=pc.max_packet_bytes)
+    return Endpoint(pc.identity, pc.directory, broker_config_for(pc, **broker_overrides), cfg)

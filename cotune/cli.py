@@ -1,0 +1,111 @@
+"""`cotune` command line. Each subcommand imports its runtime lazily, so `cotune --help` and
+the wire commands start fast and never pull in torch."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from . import __version__
+
+
+def _provision(args: argparse.Namespace) -> int:
+    from bridge.provision import provision
+
+    clients = [c for c in args.clients.split(",") if c] if args.clients else [f"client{i}" for i in range(1, args.num_clients + 1)]
+    paths = provision(args.out, args.federation, clients, aggregator_id=args.aggregator, host=args.host,
+                      port=args.port, max_packet_bytes=args.max_packet_bytes, extra_hosts=args.extra_host or (),
+                      force=args.force)
+    print(f"federation {args.federation!r} written to {paths.root}")
+    print(f"  broker config: {paths.mosquitto_conf}")
+    for party in [args.aggregator, *clients]:
+        print(f"  {party:<12} {paths.party_config(party)}")
+    print(f"start the broker with: cotune broker --federation-dir {paths.root}")
+    return 0
+
+
+def _broker(args: argparse.Namespace) -> int:
+    from bridge.broker import run_broker_cli
+
+    return run_broker_cli(args.federation_dir, args.embedded, args.host, args.port)
+
+
+def _demo(args: argparse.Namespace) -> int:
+    if args.algorithm == "wire":
+        from .wire_demo import run_wire_demo
+
+        return run_wire_demo(size_mb=args.size_mb, out_dir=args.out)
+    from .demo import run_demo  # the federated demo (needs the ML extras)
+
+    return run_demo(args)
+
+
+def _zoo(args: argparse.Namespace) -> int:
+    from algorithms.zoo.cli import zoo_cli
+
+    return zoo_cli(args.zoo_args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="cotune", description="Federated knowledge transfer between edge SLMs and a cloud LLM.")
+    p.add_argument("--version", action="version", version=f"cotune {__version__}")
+    p.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv for debug)")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    s = sub.add_parser("provision", help="write a federation directory: CA, certificates, keys, broker config, ACL")
+    s.add_argument("--out", required=True, help="directory to create")
+    s.add_argument("--federation", default="demo", help="federation id (a topic level)")
+    s.add_argument("--clients", help="comma-separated client ids (default: client1..clientN)")
+    s.add_argument("--num-clients", type=int, default=3)
+    s.add_argument("--aggregator", default="aggregator")
+    s.add_argument("--host", default="127.0.0.1", help="broker host name clients connect to")
+    s.add_argument("--extra-host", action="append", help="additional broker certificate name (repeatable)")
+    s.add_argument("--port", type=int, default=8883)
+    s.add_argument("--max-packet-bytes", type=int, default=1_048_576,
+                   help="largest MQTT message the application sends; the broker allows a little more")
+    s.add_argument("--force", action="store_true", help="overwrite an existing federation directory")
+    s.set_defaults(func=_provision)
+
+    s = sub.add_parser("broker", help="run Mosquitto with a federation's config, or an embedded broker")
+    s.add_argument("--federation-dir", help="directory written by `cotune provision`")
+    s.add_argument("--embedded", action="store_true", help="in-process amqtt broker (MQTT 3.1.1, no TLS/ACL)")
+    s.add_argument("--host")
+    s.add_argument("--port", type=int)
+    s.set_defaults(func=_broker)
+
+    s = sub.add_parser("demo", help="run the main job end to end on embedded defaults")
+    s.add_argument("--algorithm", default="wire", help="wire (encrypted blob exchange) or a registered algorithm")
+    s.add_argument("--size-mb", type=float, default=20.0, help="wire demo: blob size")
+    s.add_argument("--clients", type=int, default=3)
+    s.add_argument("--rounds", type=int, default=3)
+    s.add_argument("--quick", action="store_true")
+    s.add_argument("--out", default="demo-out", help="where reports and plots go")
+    s.set_defaults(func=_demo)
+
+    s = sub.add_parser("zoo", help="build / inspect the project's tiny pretrained model zoo")
+    s.add_argument("zoo_args", nargs=argparse.REMAINDER, help="e.g. build [--quick]")
+    s.set_defaults(func=_zoo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    level = logging.WARNING - 10 * min(args.verbose, 2)
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:  # typed errors of our packages become one clear line and exit code 2
+        from bridge.errors import BridgeError
+
+        if isinstance(exc, BridgeError):
+            print(f"cotune: error: {exc.__class__.__name__}: {exc}", file=sys.stderr)
+            return 2
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())
