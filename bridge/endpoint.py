@@ -46,7 +46,7 @@ from .errors import (
 from .keys import Directory, Identity
 from .messages import BlobAck, BlobRef, ChunkRequest, ErrorReport, KeyGrant
 from .topics import Topics
-from .transport import BrokerConfig, MqttTransport, TLSConfig
+from .transport import BrokerConfig, MqttTransport, TLSConfig, acked
 
 log = logging.getLogger(__name__)
 
@@ -210,7 +210,7 @@ class Endpoint:
                                      total=ref.total_chunks, bsize=ref.size, csize=ref.chunk_size)
             window.append(self.transport.publish(topic, frame))
             while len(window) >= self.config.publish_window:
-                if window[0].is_published():
+                if acked(window[0]):
                     window.popleft()
                     continue
                 if time.monotonic() > deadline:

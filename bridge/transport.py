@@ -249,8 +249,19 @@ class MqttTransport:
         self.stats.bytes_out += len(payload)
         if wait:
             deadline = time.monotonic() + wait
-            while not info.is_published():
+            while not acked(info):
                 if time.monotonic() > deadline:
                     raise TransportError(f"publish to {topic} not acknowledged within {wait}s")
                 time.sleep(0.005)
         return info
+
+
+def acked(info: mqtt.MQTTMessageInfo) -> bool:
+    """True once the broker acknowledged a QoS 1 publish. Unlike ``is_published()`` this does
+    not raise for a message published while disconnected: paho keeps such a message queued and
+    sends it after the reconnect, so it is merely not acknowledged *yet*."""
+    if info.rc == mqtt.MQTT_ERR_NO_CONN:
+        with info._condition:  # paho 2.x keeps the flag private; pinned to paho-mqtt < 3
+            return info._published
+    return info.is_published()
+
