@@ -127,10 +127,10 @@ class BlobResult:
     """A verified blob: in memory (``data``) or in a file the caller now owns (``path``)."""
 
     ref: BlobRef
-    data: bytes | None = None
+    data: bytes | bytearray | None = None
     path: Path | None = None
 
-    def read(self) -> bytes:
+    def read(self) -> bytes | bytearray:
         if self.data is not None:
             return self.data
         return self.path.read_bytes()
@@ -150,6 +150,10 @@ class Assembly:
         self._have = bytearray(self.total)  # 0/1 per chunk
         self.received = 0
         self.last_progress = time.monotonic()
+        # the content hash is computed while chunks arrive: chunks that extend the contiguous
+        # prefix are hashed at once, so finish() has (almost) nothing left to do
+        self._hasher = hashlib.sha256()
+        self._hashed = 0  # chunks [0, _hashed) are in the hash
         if ref.size > spill_threshold:
             fd, name = tempfile.mkstemp(prefix=f"blob-{ref.sha256[:12]}-", suffix=".part", dir=spill_dir)
             os.ftruncate(fd, ref.size)  # sparse: costs no disk until written
@@ -182,7 +186,21 @@ class Assembly:
         self._have[index] = 1
         self.received += 1
         self.last_progress = time.monotonic()
+        if index == self._hashed:
+            self._hasher.update(data)
+            self._hashed += 1
+            self._catch_up()
         return True
+
+    def _catch_up(self) -> None:
+        while self._hashed < self.total and self._have[self._hashed]:
+            offset = self._hashed * self.ref.chunk_size
+            n = self.expected_len(self._hashed)
+            if self._buf is not None:
+                self._hasher.update(memoryview(self._buf)[offset:offset + n])
+            else:
+                self._hasher.update(os.pread(self._fd, n, offset))
+            self._hashed += 1
 
     @property
     def complete(self) -> bool:
@@ -196,15 +214,15 @@ class Assembly:
         and :class:`BlobIntegrityError` is raised."""
         if not self.complete:
             raise BlobIntegrityError(f"blob {self.ref.sha256[:12]} incomplete: {len(self.missing())} chunks missing")
+        self._catch_up()
+        digest = self._hasher.hexdigest()
         if self._buf is not None:
-            data = bytes(self._buf)
-            self._buf = None
-            if sha256_bytes(data) != self.ref.sha256:
+            data, self._buf = self._buf, None
+            if digest != self.ref.sha256:
                 raise BlobIntegrityError(f"blob {self.ref.sha256[:12]} failed its SHA-256 check")
             return BlobResult(self.ref, data=data)
         os.close(self._fd)
         self._fd = None
-        digest = sha256_file(self._path)
         if digest != self.ref.sha256:
             self._path.unlink(missing_ok=True)
             raise BlobIntegrityError(f"blob {self.ref.sha256[:12]} failed its SHA-256 check")

@@ -61,6 +61,7 @@ class EndpointConfig:
     spill_dir: str | None = None
     spill_threshold: int = DEFAULT_SPILL_THRESHOLD
     stall_timeout_s: float = 3.0  # no new chunk for this long -> ask for the missing ones
+    orphan_ttl_s: float = 900.0  # transfers nobody fetches are dropped after this long
     max_resume_requests: int = 50
     publish_window: int = 32  # chunks in flight before the sender waits for broker acks
     replay_window_s: float = 600.0
@@ -90,6 +91,7 @@ class _Incoming:
     sender: str
     round: int
     requests: int = 0
+    wanted: bool = False  # a fetch_blob() waits for it
     done: threading.Event = field(default_factory=threading.Event)
     result: BlobResult | None = None
     error: BridgeError | None = None
@@ -229,6 +231,7 @@ class Endpoint:
         are asked for automatically when the transfer stalls. Raises BlobIntegrityError or
         TransportError on failure."""
         inc = self._incoming_for(ref, sender, self.round_floor)
+        inc.wanted = True
         if not inc.done.wait(timeout):
             raise TransportError(f"blob {ref.sha256[:12]} from {sender} not complete after {timeout}s "
                                  f"({inc.assembly.received}/{inc.assembly.total} chunks)")
@@ -343,8 +346,6 @@ class Endpoint:
             ref = BlobRef(h.blob, h.bsize, h.csize)
         except ValueError as exc:
             raise MalformedMessage(f"bad blob reference in chunk header: {exc}") from None
-        if h.blob in self._finished:
-            return  # a late resend of a blob already handed over
         inc = self._incoming_for(ref, h.sender, h.round)
         if inc.done.is_set():
             return  # a late duplicate of a finished blob
@@ -383,8 +384,12 @@ class Endpoint:
         while not self._stop.wait(0.25):
             now = time.monotonic()
             with self._lock:
+                self._drop_orphans(now)
+                # a blob handed over recently may see late duplicates of its chunks: they start a
+                # harmless new assembly, but only a fetch_blob() for it justifies asking for more
                 stalled = [inc for inc in self._incoming.values()
-                           if not inc.done.is_set() and now - inc.assembly.last_progress > self.config.stall_timeout_s]
+                           if not inc.done.is_set() and now - inc.assembly.last_progress > self.config.stall_timeout_s
+                           and (inc.wanted or inc.assembly.ref.sha256 not in self._finished)]
             for inc in stalled:
                 if not self.transport.connected:
                     continue  # ask once we are back; the broker may also still deliver
@@ -403,6 +408,17 @@ class Endpoint:
                     self.send(inc.sender, ChunkRequest(inc.assembly.ref.sha256, to_ranges(missing)), round=inc.round)
                 except BridgeError as exc:
                     log.warning("resume request failed: %s", exc)
+
+
+    def _drop_orphans(self, now: float) -> None:
+        for sha, inc in list(self._incoming.items()):
+            if not inc.wanted and now - inc.assembly.last_progress > self.config.orphan_ttl_s:
+                log.info("%s drops unfetched blob %s", self.me, sha[:12])
+                if inc.result is not None:
+                    inc.result.discard()
+                else:
+                    inc.assembly.abort()
+                del self._incoming[sha]
 
 
 def _presence(state: str) -> bytes:

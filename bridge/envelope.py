@@ -263,7 +263,7 @@ class Sealer:
             aead = AESGCM(key)
             header = Header(epk=epk, **common)
         head = header.to_bytes()
-        ct = aead.encrypt(nonce, bytes(plaintext), MAGIC + head)
+        ct = aead.encrypt(nonce, plaintext, MAGIC + head)
         sig = self.identity.sign_key.sign(_digest(head, ct))
         return b"".join((_PREFIX.pack(MAGIC, ENVELOPE_VERSION, len(head)), head, ct, sig))
 
@@ -310,7 +310,7 @@ class Sealer:
             shared = self.identity.kx_key.exchange(X25519PublicKey.from_public_bytes(header.epk))
             aead = AESGCM(_direct_key(shared, header.epk, self._kx_pub, header.federation, header.sender, me))
         try:
-            plaintext = aead.decrypt(header.nonce, bytes(ct), MAGIC + head)
+            plaintext = aead.decrypt(header.nonce, ct, MAGIC + head)
         except InvalidTag:
             raise TamperedMessage(f"AEAD tag of message {header.mid} from {header.sender!r} does not verify") from None
         self.replay.remember(header)

@@ -165,3 +165,12 @@ def test_blob_survives_a_broker_kill_and_restart(make_federation, tmp_path):
         edge.close()
         agg.close()
         broker.stop()
+
+
+def test_the_same_content_can_be_sent_again_after_it_was_fetched(parties):
+    """Content addressing must not swallow a second transfer of identical bytes."""
+    alice, agg = parties["alice"], parties["aggregator"]
+    data = os.urandom(700_000)
+    for _ in range(2):
+        ref = alice.send_blob("aggregator", data, round=1)
+        assert agg.fetch_blob(ref, "alice", timeout=30).read() == data
