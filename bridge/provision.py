@@ -1,0 +1,894 @@
+"""Provisioning of one federation: a private CA, the broker's TLS/mTLS configuration, its ACL and
+password file, and one self-contained directory per party.
+
+Layout written by :func:`provision` (DIR is the federation directory)::
+
+    DIR/federation.json                 public: broker address, packet limit, key directory
+    DIR/ca/ca.crt  DIR/ca/ca.key        the federation CA (key 0600, needed only to add parties)
+    DIR/broker/server.crt server.key    broker certificate (SAN: host, localhost, loopbacks, extras)
+    DIR/broker/mosquitto.conf acl passwd
+    DIR/broker/data/                    Mosquitto persistence
+    DIR/parties/<id>/                   everything one party needs, and nothing of anyone else's:
+        config.json identity.json client.crt client.key ca.crt federation.json
+
+A party directory is self-contained (its config refers to its files by relative paths), so it can
+be copied to a device as is; ``DIR/federation.json`` stays the source of truth and
+:func:`add_client` refreshes every party's copy.
+
+Transport security is one hop (party <-> broker); the envelope protects end to end. The broker
+identifies a party by its certificate CN (``use_identity_as_username``), so the ACL's ``%u`` is the
+party id and cannot be spoofed by choosing an MQTT username or client id.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import grp
+import hashlib
+import ipaddress
+import os
+import pwd
+import secrets
+import shutil
+import stat
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from .errors import ProvisioningError
+from .keys import Directory, Identity, read_json, validate_party_id, write_json
+from .topics import Topics
+
+#: Bytes Mosquitto's ``max_packet_size`` allows above ``max_packet_bytes`` (the largest payload a
+#: sender produces): fixed header, topic name, MQTT 5 properties.
+PACKET_HEADROOM = 16 * 1024
+#: Mosquitto's own default for ``mosquitto_passwd`` (``$7$`` = PBKDF2-SHA512).
+PBKDF2_ITERATIONS = 101
+#: Debian/Ubuntu packages run the broker as this user after it starts as root.
+BROKER_USER = "mosquitto"
+CERT_DAYS = 3650
+
+_FILE_MODE = 0o644
+_SECRET_MODE = 0o600
+
+
+# ---------------------------------------------------------------------------------------------
+# Paths
+
+
+@dataclass(frozen=True)
+class FederationPaths:
+    """Where the files of one provisioned federation live. Build it with :meth:`open`."""
+
+    root: Path
+    federation: str
+    host: str
+    port: int
+    password_port: int | None = None
+
+    @classmethod
+    def open(cls, root: str | os.PathLike) -> FederationPaths:
+        root = Path(root).resolve()
+        data = read_json(root / "federation.json")
+        try:
+            broker = data["broker"]
+            pport = broker.get("password_port")
+            return cls(
+                root,
+                data["federation"],
+                broker["host"],
+                int(broker["port"]),
+                None if pport is None else int(pport),
+            )
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise ProvisioningError(
+                f"{root / 'federation.json'}: bad federation file ({exc})"
+            ) from exc
+
+    @property
+    def federation_json(self) -> Path:
+        return self.root / "federation.json"
+
+    @property
+    def ca_dir(self) -> Path:
+        return self.root / "ca"
+
+    @property
+    def ca_cert(self) -> Path:
+        return self.ca_dir / "ca.crt"
+
+    @property
+    def ca_key(self) -> Path:
+        return self.ca_dir / "ca.key"
+
+    @property
+    def broker_dir(self) -> Path:
+        return self.root / "broker"
+
+    @property
+    def server_cert(self) -> Path:
+        return self.broker_dir / "server.crt"
+
+    @property
+    def server_key(self) -> Path:
+        return self.broker_dir / "server.key"
+
+    @property
+    def mosquitto_conf(self) -> Path:
+        return self.broker_dir / "mosquitto.conf"
+
+    @property
+    def acl(self) -> Path:
+        return self.broker_dir / "acl"
+
+    @property
+    def passwd(self) -> Path:
+        return self.broker_dir / "passwd"
+
+    @property
+    def data_dir(self) -> Path:
+        return self.broker_dir / "data"
+
+    @property
+    def broker_log(self) -> Path:
+        return self.broker_dir / "mosquitto.log"
+
+    @property
+    def parties_dir(self) -> Path:
+        return self.root / "parties"
+
+    def party_dir(self, party_id: str) -> Path:
+        validate_party_id(party_id)
+        return self.parties_dir / party_id
+
+    def party_config(self, party_id: str) -> Path:
+        return self.party_dir(party_id) / "config.json"
+
+    def directory(self) -> Directory:
+        return _load_federation_directory(self.federation_json)
+
+    @property
+    def topics(self) -> Topics:
+        return Topics(self.federation)
+
+    def broker_files(self) -> list[Path]:
+        """Every path the broker process reads (or, for ``data_dir``, writes)."""
+        return [
+            self.mosquitto_conf,
+            self.acl,
+            self.passwd,
+            self.ca_cert,
+            self.server_cert,
+            self.server_key,
+            self.data_dir,
+        ]
+
+
+# ---------------------------------------------------------------------------------------------
+# Party configuration
+
+
+@dataclass(frozen=True)
+class PartyConfig:
+    """One party's view of the federation, with paths resolved and keys loaded."""
+
+    path: Path  # the config.json it was read from
+    federation: str
+    party_id: str
+    role: str
+    host: str
+    port: int
+    identity: Identity
+    directory: Directory
+    max_packet_bytes: int
+    # TLS files; all None when the config says "tls": null (plain TCP, e.g. the embedded broker)
+    ca_cert: Path | None
+    client_cert: Path | None
+    client_key: Path | None
+    federation_file: Path
+    password: str | None = None
+    password_port: int | None = None
+
+    @property
+    def tls(self) -> bool:
+        return self.ca_cert is not None
+
+    @property
+    def topics(self) -> Topics:
+        return Topics(self.federation)
+
+    @property
+    def aggregator_id(self) -> str:
+        return self.directory.aggregator()
+
+
+def load_party_config(path: str | os.PathLike) -> PartyConfig:
+    """Read ``parties/<id>/config.json`` (or the party directory holding it) and check that the
+    identity, directory and TLS files it names exist and agree with each other."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "config.json"
+    path = path.resolve()
+    data = read_json(path)
+    base = path.parent
+
+    def need(obj: dict, key: str, where: str = ""):
+        if not isinstance(obj, dict) or key not in obj or obj[key] is None:
+            raise ProvisioningError(f"{path}: missing {where}{key!r}; re-provision this party")
+        return obj[key]
+
+    def existing(rel: str, what: str) -> Path:
+        p = (base / rel).resolve()
+        if not p.is_file():
+            raise ProvisioningError(
+                f"{path}: {what} file {p} does not exist; copy the whole party "
+                "directory, or re-provision this party"
+            )
+        return p
+
+    federation = need(data, "federation")
+    party_id = need(data, "party_id")
+    role = need(data, "role")
+    broker = need(data, "broker")
+    host = need(broker, "host", "broker.")
+    try:
+        port = int(need(broker, "port", "broker."))
+        pport = broker.get("password_port")
+        pport = None if pport is None else int(pport)
+        max_packet = int(need(data, "max_packet_bytes"))
+    except (TypeError, ValueError) as exc:
+        raise ProvisioningError(f"{path}: bad number ({exc})") from exc
+    tls = broker.get("tls")
+    if tls is None:
+        ca = cert = key = None
+    else:
+        ca = existing(need(tls, "ca", "broker.tls."), "CA certificate")
+        cert = existing(need(tls, "cert", "broker.tls."), "client certificate")
+        key = existing(need(tls, "key", "broker.tls."), "client key")
+    identity = Identity.load(existing(need(data, "identity"), "identity"))
+    fed_file = existing(need(data, "federation_file"), "federation")
+    directory = _load_federation_directory(fed_file)
+
+    # Cross-checks: a config mixed up from two parties or two federations must not load.
+    if identity.party_id != party_id or identity.role != role:
+        raise ProvisioningError(
+            f"{path}: identity file is for {identity.party_id!r} "
+            f"({identity.role}), config is for {party_id!r} ({role})"
+        )
+    if directory.federation != federation:
+        raise ProvisioningError(
+            f"{path}: federation file is for {directory.federation!r}, config is for {federation!r}"
+        )
+    if party_id not in directory:
+        raise ProvisioningError(
+            f"{path}: party {party_id!r} is not in the federation directory; "
+            "copy the current federation.json from the operator"
+        )
+    if directory.recipient(party_id) != identity.public:
+        raise ProvisioningError(
+            f"{path}: the directory's public keys for {party_id!r} do not "
+            "match this identity; the party was re-provisioned elsewhere"
+        )
+    directory.aggregator()  # exactly one, or ProvisioningError
+    return PartyConfig(
+        path=path,
+        federation=federation,
+        party_id=party_id,
+        role=role,
+        host=host,
+        port=port,
+        identity=identity,
+        directory=directory,
+        max_packet_bytes=max_packet,
+        ca_cert=ca,
+        client_cert=cert,
+        client_key=key,
+        federation_file=fed_file,
+        password=data.get("password"),
+        password_port=pport,
+    )
+
+
+def _load_federation_directory(path: Path) -> Directory:
+    data = read_json(path)
+    if "directory" not in data:
+        raise ProvisioningError(f"{path}: no 'directory' in federation file")
+    return Directory.from_json(data["directory"])
+
+
+# ---------------------------------------------------------------------------------------------
+# Provisioning
+
+
+def provision(
+    out_dir: str | os.PathLike,
+    federation: str,
+    clients: Sequence[str],
+    aggregator_id: str = "aggregator",
+    host: str = "127.0.0.1",
+    port: int = 8883,
+    max_packet_bytes: int = 1_048_576,
+    extra_hosts: Iterable[str] = (),
+    *,
+    force: bool = False,
+    password_port: int | None = None,
+    bind_host: str | None = None,
+    cert_days: int = CERT_DAYS,
+    check_access: bool = True,
+) -> FederationPaths:
+    """Write a new federation directory (see the module docstring) and return its paths.
+
+    ``password_port`` adds a second TLS listener that authenticates with the per-party passwords
+    from the password file instead of client certificates (for clients that cannot do mTLS).
+    ``host`` is the name parties dial; the broker listens on ``bind_host``, by default on ``host``
+    when that is an IP address or localhost, and on every interface for a DNS name (which often
+    points at a load balancer or a NAT address rather than at a local interface).
+
+    When run as root with a ``mosquitto`` user present, the broker's files are handed to that user
+    and, unless ``check_access`` is false, every parent directory is checked to be traversable by
+    it (ProvisioningError naming the directory to chmod). Pass ``check_access=False`` when this
+    federation will never be served by a root-started Mosquitto (e.g. the embedded-broker demo).
+    """
+    validate_party_id(federation)
+    clients = list(clients)
+    parties = [aggregator_id, *clients]
+    for pid in parties:
+        validate_party_id(pid)
+    if len(set(parties)) != len(parties):
+        raise ProvisioningError(
+            f"party ids must be unique (the aggregator is {aggregator_id!r}), got {parties}"
+        )
+    for p in (port, password_port):
+        if p is not None and not 0 < int(p) < 65536:
+            raise ProvisioningError(f"port {p} is out of range 1-65535")
+    if password_port is not None and int(password_port) == int(port):
+        raise ProvisioningError("password_port must differ from the mTLS port")
+    if max_packet_bytes < 1024:
+        raise ProvisioningError(f"max_packet_bytes={max_packet_bytes} is too small (minimum 1024)")
+
+    root = Path(out_dir).resolve()
+    broker_user = _broker_user()
+    if broker_user and check_access:  # before anything is written or deleted
+        _check_traversable(root.parent, broker_user)
+    _prepare_out_dir(root, force)
+
+    paths = FederationPaths(
+        root, federation, host, int(port), None if password_port is None else int(password_port)
+    )
+    for d in (paths.ca_dir, paths.broker_dir, paths.parties_dir):
+        d.mkdir(mode=0o755, exist_ok=True)
+        os.chmod(d, 0o755)  # mkdir's mode is filtered by the umask
+    paths.data_dir.mkdir(mode=0o700, exist_ok=True)
+
+    ca_key, ca_cert = _make_ca(federation, cert_days)
+    _write_key(paths.ca_key, ca_key)
+    _write_cert(paths.ca_cert, ca_cert)
+    sans = _dedupe([host, "localhost", "127.0.0.1", "::1", *extra_hosts])
+    srv_key, srv_cert = _issue(
+        ca_key, ca_cert, host, federation, sans=sans, server=True, days=cert_days
+    )
+    _write_key(paths.server_key, srv_key)
+    _write_cert(paths.server_cert, srv_cert)
+
+    identities = [Identity.generate(aggregator_id, "aggregator")]
+    identities += [Identity.generate(c, "client") for c in clients]
+    directory = Directory(federation, [i.public for i in identities])
+    fed_doc = _federation_doc(paths, max_packet_bytes, directory)
+    passwd_lines = []
+    for ident in identities:
+        password = secrets.token_urlsafe(24)
+        _write_party(paths, ident, ca_key, ca_cert, fed_doc, password, cert_days)
+        passwd_lines.append(f"{ident.party_id}:{mosquitto_password_hash(password)}")
+
+    if bind_host is None:
+        bind_host = host if host == "localhost" or _is_ip(host) else ""
+    conf = mosquitto_conf(paths, max_packet_bytes, bind_host)
+    _write_text(paths.mosquitto_conf, conf, _FILE_MODE)
+    _write_text(paths.acl, acl_text(federation, aggregator_id, clients), _FILE_MODE)
+    _write_text(paths.passwd, "\n".join(passwd_lines) + "\n", _SECRET_MODE)
+    write_json(paths.federation_json, fed_doc)
+    _give_broker_files(paths, broker_user, check_access)
+    return paths
+
+
+def add_client(
+    fed_dir: str | os.PathLike, client_id: str, *, check_access: bool = True
+) -> FederationPaths:
+    """Provision one more client into an existing federation: new identity and certificate, then
+    the password file, ACL and every copy of federation.json are rewritten (each atomically).
+
+    A running Mosquitto accepts the new client's certificate at once (same CA) but reads the
+    password file and ACL again only on SIGHUP (:meth:`bridge.broker.MosquittoBroker.reload`).
+    """
+    paths = FederationPaths.open(fed_dir)
+    validate_party_id(client_id)
+    fed_doc = read_json(paths.federation_json)
+    directory = _load_federation_directory(paths.federation_json)
+    if client_id in directory:
+        raise ProvisioningError(
+            f"party {client_id!r} already exists in federation "
+            f"{paths.federation!r}; pick another id"
+        )
+    if not paths.ca_key.is_file():
+        raise ProvisioningError(
+            f"{paths.ca_key} is missing: adding a party needs the CA key "
+            "(run add_client on the machine that provisioned the federation)"
+        )
+    ca_key = serialization.load_pem_private_key(paths.ca_key.read_bytes(), password=None)
+    ca_cert = x509.load_pem_x509_certificate(paths.ca_cert.read_bytes())
+
+    ident = Identity.generate(client_id, "client")
+    directory = directory.with_party(ident.public)
+    fed_doc = {**fed_doc, "directory": directory.to_json()}
+    password = secrets.token_urlsafe(24)
+    # A leftover directory of an earlier, interrupted add_client is not in the federation: reuse.
+    shutil.rmtree(paths.party_dir(client_id), ignore_errors=True)
+    _write_party(paths, ident, ca_key, ca_cert, fed_doc, password, _days_left(ca_cert))
+
+    lines = [ln for ln in _read_lines(paths.passwd) if not ln.startswith(f"{client_id}:")]
+    lines.append(f"{client_id}:{mosquitto_password_hash(password)}")
+    _write_text(paths.passwd, "\n".join(lines) + "\n", _SECRET_MODE)
+    _write_text(
+        paths.acl,
+        acl_text(paths.federation, directory.aggregator(), directory.clients()),
+        _FILE_MODE,
+    )
+    # The root federation.json last: it is what declares the party provisioned.
+    for pid in directory.clients() + [directory.aggregator()]:
+        pdir = paths.party_dir(pid)
+        if pdir.is_dir():
+            write_json(pdir / "federation.json", fed_doc)
+    write_json(paths.federation_json, fed_doc)
+    _give_broker_files(paths, _broker_user(), check_access)
+    return paths
+
+
+def _federation_doc(paths: FederationPaths, max_packet_bytes: int, directory: Directory) -> dict:
+    return {
+        "federation": paths.federation,
+        "broker": {
+            "host": paths.host,
+            "port": paths.port,
+            "tls": True,
+            "password_port": paths.password_port,
+        },
+        "max_packet_bytes": int(max_packet_bytes),
+        "directory": directory.to_json(),
+    }
+
+
+def _write_party(
+    paths: FederationPaths,
+    ident: Identity,
+    ca_key,
+    ca_cert,
+    fed_doc: dict,
+    password: str,
+    days: int,
+) -> None:
+    """Write one party's directory. Built beside its final place and renamed, so a party
+    directory is either complete or absent."""
+    final = paths.party_dir(ident.party_id)
+    tmp = final.with_name(f".{ident.party_id}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(mode=0o700)
+    os.chmod(tmp, 0o700)
+    key, cert = _issue(
+        ca_key, ca_cert, ident.party_id, paths.federation, sans=(), server=False, days=days
+    )
+    ident.save(tmp / "identity.json")
+    _write_key(tmp / "client.key", key)
+    _write_cert(tmp / "client.crt", cert)
+    shutil.copyfile(paths.ca_cert, tmp / "ca.crt")
+    os.chmod(tmp / "ca.crt", _FILE_MODE)
+    write_json(tmp / "federation.json", fed_doc)
+    config = {
+        "federation": paths.federation,
+        "party_id": ident.party_id,
+        "role": ident.role,
+        "broker": {
+            "host": paths.host,
+            "port": paths.port,
+            "password_port": paths.password_port,
+            "tls": {"ca": "ca.crt", "cert": "client.crt", "key": "client.key"},
+        },
+        "identity": "identity.json",
+        "federation_file": "federation.json",
+        "max_packet_bytes": fed_doc["max_packet_bytes"],
+        # for the password listener, where a device cannot present a client certificate
+        "password": password,
+    }
+    write_json(tmp / "config.json", config, mode=_SECRET_MODE)
+    os.replace(tmp, final)
+
+
+def _prepare_out_dir(root: Path, force: bool) -> None:
+    if root.exists() and not root.is_dir():
+        raise ProvisioningError(f"{root} exists and is not a directory")
+    if root.is_dir() and any(root.iterdir()):
+        if not force:
+            raise ProvisioningError(
+                f"{root} already exists and is not empty: choose a new directory, add parties to "
+                "it with add_client, or pass force=True (--force) to replace it, which discards "
+                "its CA, broker files and every party identity"
+            )
+        ours = {"federation.json", "federation.json.tmp", "ca", "broker", "parties"}
+        foreign = sorted(p.name for p in root.iterdir() if p.name not in ours)
+        # A half-written federation (no federation.json yet) may be replaced; anything else that
+        # holds files we did not write is not ours to delete.
+        if foreign and not (root / "federation.json").is_file():
+            raise ProvisioningError(
+                f"{root} holds files that are not a federation's ({', '.join(foreign[:3])}): "
+                "refusing to delete it even with force=True; choose another directory"
+            )
+        for name in ours:
+            p = root / name
+            if p.is_dir():
+                shutil.rmtree(p)
+            elif p.exists():
+                p.unlink()
+    root.mkdir(parents=True, exist_ok=True)
+    os.chmod(root, 0o755)  # the broker user must traverse it (mkdtemp makes 0700)
+
+
+# ---------------------------------------------------------------------------------------------
+# Broker files
+
+
+def mosquitto_conf(paths: FederationPaths, max_packet_bytes: int, bind_host: str = "") -> str:
+    """Mosquitto 2.0 configuration for the federation. Paths are absolute because Mosquitto
+    resolves relative ones against its working directory, not against the config file."""
+    common_tls = [
+        f"cafile {paths.ca_cert}",
+        f"certfile {paths.server_cert}",
+        f"keyfile {paths.server_key}",
+        "tls_version tlsv1.2",
+    ]
+    lines = [
+        f"# cotune federation {paths.federation!r}: generated by bridge.provision, do not edit",
+        "# (re-provision or use add_client instead).",
+        "",
+        "# One set of auth settings (acl_file, password_file, allow_anonymous) for all listeners.",
+        "per_listener_settings false",
+        "allow_anonymous false",
+        f"acl_file {paths.acl}",
+        f"password_file {paths.passwd}",
+        "",
+        "# Sessions and queued QoS 1 messages survive a broker restart.",
+        "persistence true",
+        f"persistence_location {paths.data_dir}/",
+        "autosave_interval 30",
+        "persistent_client_expiration 14d",
+        "",
+        "# Limits: one packet holds one chunk plus topic and header.",
+        f"max_packet_size {int(max_packet_bytes) + PACKET_HEADROOM}",
+        "max_queued_messages 10000",
+        "max_inflight_messages 100",
+        "",
+        "log_dest stdout",
+        "log_type error",
+        "log_type warning",
+        "log_type notice",
+        "log_type information",
+        "log_timestamp_format %Y-%m-%dT%H:%M:%S",
+        "connection_messages true",
+        "",
+        "# mTLS listener: the client certificate's CN (the party id) is the MQTT username.",
+        f"listener {paths.port} {bind_host}".rstrip(),
+        *common_tls,
+        "require_certificate true",
+        "use_identity_as_username true",
+    ]
+    if paths.password_port is not None:
+        lines += [
+            "",
+            "# Password listener for parties that cannot present a certificate: server-side TLS",
+            "# only, username = party id, password from the party's config.json.",
+            f"listener {paths.password_port} {bind_host}".rstrip(),
+            *common_tls,
+            "require_certificate false",
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def acl_text(federation: str, aggregator_id: str, clients: Iterable[str]) -> str:
+    """Mosquitto ACL for DESIGN.md's topic layout (usernames are party ids).
+
+    What Mosquitto 2.0 does with it (checked against 2.0.11 in tests/test_broker.py):
+    SUBSCRIBE is not ACL-checked by the default ACL (a client may subscribe to anything, even
+    ``cotune/F/#``); every message is checked against the subscriber's *read* access to its
+    topic at delivery time, so nothing leaks. Shared subscriptions ``$share/<group>/cotune/F/up/+``
+    therefore need no ACL line of their own: the aggregator's ``cotune/F/#`` covers the topics
+    delivered. A denied PUBLISH is dropped silently (an MQTT 5 publisher gets PUBACK 0x87).
+    """
+    t = Topics(federation)
+    lines = [
+        f"# cotune federation {federation!r}: generated by bridge.provision, do not edit.",
+        "# Usernames are party ids (certificate CN, or password-file user).",
+        "",
+        f"user {aggregator_id}",
+        f"topic readwrite {t.root}/#",
+        "",
+        "# the broadcast topic, per client (a 'pattern' without %u would apply to any user)",
+    ]
+    for client in sorted(clients):
+        lines += [f"user {client}", f"topic read {t.bcast}"]
+    lines += [
+        "",
+        "# every party: write its own up and status topics, read its own down topic",
+        f"pattern write {t.up('%u')}",
+        f"pattern write {t.status('%u')}",
+        f"pattern read {t.down('%u')}",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def mosquitto_password_hash(
+    password: str, *, salt: bytes | None = None, iterations: int = PBKDF2_ITERATIONS
+) -> str:
+    """A ``mosquitto_passwd`` compatible ``$7$`` hash: PBKDF2-HMAC-SHA512, 12-byte salt."""
+    salt = os.urandom(12) if salt is None else salt
+    digest = hashlib.pbkdf2_hmac("sha512", password.encode("utf-8"), salt, iterations, 64)
+    return f"$7${iterations}${base64.b64encode(salt).decode()}${base64.b64encode(digest).decode()}"
+
+
+def verify_mosquitto_password(hashed: str, password: str) -> bool:
+    try:
+        _, kind, iterations, salt, _digest = hashed.split("$")
+        if kind != "7":
+            return False
+        expected = mosquitto_password_hash(
+            password, salt=base64.b64decode(salt), iterations=int(iterations)
+        )
+    except ValueError:
+        return False
+    return secrets.compare_digest(expected, hashed)
+
+
+def check_broker_access(paths: FederationPaths) -> None:
+    """When the broker will run as root (and so drop to the ``mosquitto`` user), check that this
+    user can reach and read every file it needs. ProvisioningError says what to chmod."""
+    user = _broker_user()
+    if user is None:
+        return
+    _check_traversable(paths.root, user)
+    uid, gids = user
+    for p in paths.broker_files():
+        if not p.exists():
+            raise ProvisioningError(f"{p} is missing; re-provision the federation")
+        _check_traversable(p.parent, user)
+        want = (stat.S_IRUSR | stat.S_IWUSR | stat.S_IXUSR) if p.is_dir() else stat.S_IRUSR
+        if not _allowed(p, uid, gids, want):
+            raise ProvisioningError(
+                f"{p} is not accessible to the broker user {BROKER_USER!r}: "
+                f"run `chown {BROKER_USER} {p}`"
+            )
+
+
+def _broker_user() -> tuple[int, set[int]] | None:
+    """(uid, gids) of the user a root-started Mosquitto drops to; None when no drop happens."""
+    if os.geteuid() != 0:
+        return None
+    try:
+        pw = pwd.getpwnam(BROKER_USER)
+    except KeyError:
+        return None
+    gids = {pw.pw_gid} | {g.gr_gid for g in grp.getgrall() if BROKER_USER in g.gr_mem}
+    return pw.pw_uid, gids
+
+
+def _allowed(path: Path, uid: int, gids: set[int], user_bits: int) -> bool:
+    """Whether ``uid`` has the permission bits ``user_bits`` (given as S_I*USR) on path."""
+    st = path.stat()
+    if st.st_uid == uid:
+        return st.st_mode & user_bits == user_bits
+    if st.st_gid in gids:
+        return st.st_mode & (user_bits >> 3) == user_bits >> 3
+    return st.st_mode & (user_bits >> 6) == user_bits >> 6
+
+
+def _check_traversable(directory: Path, user: tuple[int, set[int]]) -> None:
+    uid, gids = user
+    d = directory
+    while not d.exists():  # not created yet: check what exists above it
+        d = d.parent
+    for p in [d, *d.parents]:
+        if not _allowed(p, uid, gids, stat.S_IXUSR):
+            mode = stat.S_IMODE(p.stat().st_mode)
+            raise ProvisioningError(
+                f"directory {p} (mode {mode:04o}) is not traversable by the broker user "
+                f"{BROKER_USER!r}, which Mosquitto switches to when started as root: run "
+                f"`chmod o+x {p}` or provision the federation under another directory"
+            )
+
+
+def _give_broker_files(
+    paths: FederationPaths, user: tuple[int, set[int]] | None, check: bool
+) -> None:
+    """Hand the broker's own files to the broker user (when one will be switched to)."""
+    if user is None:
+        return
+    uid, _ = user
+    gid = pwd.getpwuid(uid).pw_gid
+    for p in (
+        paths.mosquitto_conf,
+        paths.acl,
+        paths.passwd,
+        paths.server_cert,
+        paths.server_key,
+        paths.data_dir,
+    ):
+        os.chown(p, uid, gid)
+    for p in paths.data_dir.rglob("*"):
+        os.chown(p, uid, gid)
+    if check:
+        check_broker_access(paths)
+
+
+# ---------------------------------------------------------------------------------------------
+# Certificates
+
+
+def _make_ca(federation: str, days: int) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name(
+        [
+            x509.NameAttribute(NameOID.ORGANIZATION_NAME, "cotune"),
+            x509.NameAttribute(NameOID.COMMON_NAME, f"cotune {federation} CA"),
+        ]
+    )
+    now = _now()
+    ski = x509.SubjectKeyIdentifier.from_public_key(key.public_key())
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))  # tolerate small clock skew
+        .not_valid_after(now + dt.timedelta(days=days))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=False,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=True,
+                crl_sign=True,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(ski, critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    return key, cert
+
+
+def _issue(
+    ca_key,
+    ca_cert: x509.Certificate,
+    cn: str,
+    federation: str,
+    *,
+    sans: Iterable[str],
+    server: bool,
+    days: int,
+) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = _now()
+    not_after = min(now + dt.timedelta(days=days), ca_cert.not_valid_after_utc)
+    subject = x509.Name(
+        [
+            x509.NameAttribute(NameOID.ORGANIZATION_NAME, "cotune"),
+            x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, federation),
+            x509.NameAttribute(NameOID.COMMON_NAME, cn),
+        ]
+    )
+    usage = ExtendedKeyUsageOID.SERVER_AUTH if server else ExtendedKeyUsageOID.CLIENT_AUTH
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(ca_cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(not_after)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=True,
+                key_cert_sign=False,
+                crl_sign=False,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False
+        )
+    )
+    names = [_general_name(s) for s in sans]
+    if names:
+        builder = builder.add_extension(x509.SubjectAlternativeName(names), critical=False)
+    return key, builder.sign(ca_key, hashes.SHA256())
+
+
+def _is_ip(value: str) -> bool:
+    try:
+        ipaddress.ip_address(value)
+        return True
+    except ValueError:
+        return False
+
+
+def _general_name(value: str) -> x509.GeneralName:
+    try:
+        return x509.IPAddress(ipaddress.ip_address(value))
+    except ValueError:
+        return x509.DNSName(value)
+
+
+def _days_left(cert: x509.Certificate) -> int:
+    return max(1, (cert.not_valid_after_utc - _now()).days)
+
+
+def _now() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc)
+
+
+# ---------------------------------------------------------------------------------------------
+# Small file helpers
+
+
+def _write_bytes(path: Path, data: bytes, mode: int) -> None:
+    """Atomic write with the final mode set before the file becomes visible."""
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(data)
+    os.chmod(tmp, mode)
+    os.replace(tmp, path)
+
+
+def _write_text(path: Path, text: str, mode: int) -> None:
+    _write_bytes(path, text.encode("utf-8"), mode)
+
+
+def _write_key(path: Path, key) -> None:
+    pem = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    _write_bytes(path, pem, _SECRET_MODE)
+
+
+def _write_cert(path: Path, cert: x509.Certificate) -> None:
+    _write_bytes(path, cert.public_bytes(serialization.Encoding.PEM), _FILE_MODE)
+
+
+def _read_lines(path: Path) -> list[str]:
+    try:
+        return [ln for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
+    except FileNotFoundError:
+        return []
+
+
+def _dedupe(items: Iterable[str]) -> list[str]:
+    return list(dict.fromkeys(i for i in items if i))

@@ -1,0 +1,88 @@
+"""Shared fixtures: provisioned federations and real brokers (Mosquitto, embedded amqtt)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack
+from pathlib import Path
+
+import pytest
+
+from bridge.broker import EmbeddedBroker, MosquittoBroker, find_mosquitto
+from bridge.provision import FederationPaths, provision
+
+FED_CLIENTS = ["alice", "bob", "carol"]
+
+
+def free_ports(n: int) -> list[int]:
+    """n distinct free ports (all sockets held open together, so no duplicates)."""
+    with ExitStack() as stack:
+        socks = [stack.enter_context(socket.socket()) for _ in range(n)]
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+
+
+def _broker_dir() -> Path:
+    # Under /tmp and mode 0755: a root-started Mosquitto drops to the 'mosquitto' user, which
+    # must traverse every parent (pytest's tmp_path is 0700 under root's private tree).
+    d = Path(tempfile.mkdtemp(prefix="cotune-test-", dir="/tmp"))
+    os.chmod(d, 0o755)
+    return d
+
+
+@pytest.fixture
+def make_federation() -> Iterator[Callable[..., FederationPaths]]:
+    """Factory: provision(...) into a fresh broker-traversable directory on free ports.
+    Keyword arguments go to provision(); directories are removed at teardown."""
+    made: list[Path] = []
+
+    def make(federation: str = "testfed", clients=FED_CLIENTS, **kw) -> FederationPaths:
+        root = _broker_dir()
+        made.append(root)
+        port, pport = free_ports(2)
+        kw.setdefault("port", port)
+        kw.setdefault("password_port", pport)
+        return provision(root / "fed", federation, list(clients), **kw)
+
+    yield make
+    for d in made:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def federation() -> Iterator[FederationPaths]:
+    """Federation "testfed" (aggregator + alice, bob, carol), mTLS on a free port and a password
+    listener on another; shared by the tests of one module."""
+    root = _broker_dir()
+    port, pport = free_ports(2)
+    try:
+        yield provision(root / "fed", "testfed", FED_CLIENTS, port=port, password_port=pport)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def mosquitto(federation: FederationPaths) -> Iterator[MosquittoBroker]:
+    """Real Mosquitto running the federation's config; stopped at teardown."""
+    if find_mosquitto() is None:
+        pytest.skip("mosquitto is not installed (apt-get install mosquitto); CI installs it")
+    broker = MosquittoBroker(federation.mosquitto_conf).start()
+    try:
+        yield broker
+    finally:
+        broker.stop()
+
+
+@pytest.fixture
+def embedded_broker() -> Iterator[EmbeddedBroker]:
+    """In-process amqtt broker on a free port."""
+    broker = EmbeddedBroker("127.0.0.1", 0).start()
+    try:
+        yield broker
+    finally:
+        broker.stop()
