@@ -426,10 +426,23 @@ def _presence(state: str) -> bytes:
 
 
 def broker_config_for(pc, *, host: str | None = None, port: int | None = None, tls: bool | None = None,
-                      protocol: str = "auto") -> BrokerConfig:
-    """The MQTT connection settings of a provisioned party (mTLS with its own certificate), or a
-    plain TCP connection when ``tls=False`` (the embedded broker of the demo)."""
+                      auth: str = "mtls", protocol: str = "auto") -> BrokerConfig:
+    """The MQTT connection settings of a provisioned party.
+
+    ``auth="mtls"``: the party's client certificate (the default); ``auth="password"``: the
+    password listener (server-authenticated TLS plus the party's broker password, for devices
+    that cannot hold a client certificate); ``tls=False``: plain TCP, for the embedded broker.
+    The envelope protects payloads end to end in every case."""
+    if auth not in ("mtls", "password"):
+        raise ValueError(f"auth must be 'mtls' or 'password', got {auth!r}")
     use_tls = pc.tls if tls is None else tls
+    if auth == "password":
+        if not pc.password or not pc.password_port:
+            raise BridgeError(f"{pc.party_id}: this federation has no password listener "
+                              "(provision with a password port)")
+        return BrokerConfig(host=host or pc.host, port=port or pc.password_port, protocol=protocol,
+                            username=pc.party_id, password=pc.password,
+                            tls=TLSConfig(str(pc.ca_cert)) if use_tls else None)
     return BrokerConfig(
         host=host or pc.host, port=port or pc.port, protocol=protocol,
         tls=TLSConfig(str(pc.ca_cert), str(pc.client_cert), str(pc.client_key)) if use_tls else None)

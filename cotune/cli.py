@@ -11,13 +11,18 @@ from . import __version__
 
 
 def _provision(args: argparse.Namespace) -> int:
-    from bridge.provision import provision
+    from bridge.errors import ProvisioningError
+    from bridge.provision import check_broker_access, provision
 
     clients = [c for c in args.clients.split(",") if c] if args.clients else [f"client{i}" for i in range(1, args.num_clients + 1)]
     paths = provision(args.out, args.federation, clients, aggregator_id=args.aggregator, host=args.host,
                       port=args.port, max_packet_bytes=args.max_packet_bytes, extra_hosts=args.extra_host or (),
-                      force=args.force)
+                      force=args.force, check_access=False)
     print(f"federation {args.federation!r} written to {paths.root}")
+    try:
+        check_broker_access(paths)
+    except ProvisioningError as exc:  # only matters when this machine runs Mosquitto as root
+        print(f"warning: {exc}", file=sys.stderr)
     print(f"  broker config: {paths.mosquitto_conf}")
     for party in [args.aggregator, *clients]:
         print(f"  {party:<12} {paths.party_config(party)}")

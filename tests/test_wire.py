@@ -174,3 +174,37 @@ def test_the_same_content_can_be_sent_again_after_it_was_fetched(parties):
     for _ in range(2):
         ref = alice.send_blob("aggregator", data, round=1)
         assert agg.fetch_blob(ref, "alice", timeout=30).read() == data
+
+
+def test_password_listener_and_presence_with_last_will(federation, mosquitto, parties):
+    """A device without a client certificate joins through the password listener; its retained
+    presence says online, and its last will says offline when it vanishes without a goodbye."""
+    import subprocess
+    import sys
+
+    agg = parties["aggregator"]
+    script = f"""
+import sys, time
+sys.path.insert(0, {str(__import__('pathlib').Path(__file__).resolve().parents[1])!r})
+from bridge.endpoint import Endpoint, broker_config_for
+from bridge.messages import Note
+from bridge.provision import load_party_config
+pc = load_party_config({str(federation.party_config('carol'))!r})
+cfg = broker_config_for(pc, auth="password")
+cfg.keepalive = 1
+ep = Endpoint(pc.identity, pc.directory, cfg).start()
+ep.send("aggregator", Note("hello-from-password-listener"), wait=10)
+print("ready", flush=True)
+time.sleep(60)
+"""
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+        got = agg.recv(timeout=10)
+        assert got.sender == "carol" and got.message.kind == "hello-from-password-listener"
+        assert _wait(lambda: agg.presence.get("carol", {}).get("state") == "online", 10)
+        proc.kill()  # no DISCONNECT: the broker publishes the last will after 1.5 keep-alives
+        assert _wait(lambda: agg.presence.get("carol", {}).get("state") == "offline", 15)
+    finally:
+        proc.kill()
+        proc.wait()
