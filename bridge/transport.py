@@ -99,8 +99,12 @@ class MqttTransport:
     def connect(self, timeout: float = 15.0) -> None:
         order = {"auto": ["5", "3.1.1"], "5": ["5"], "3.1.1": ["3.1.1"]}[self.config.protocol]
         last_error = "no attempt"
-        for proto in order:
-            ok, reason = self._try_connect(proto, timeout)
+        for i, proto in enumerate(order):
+            # a broker that does not speak MQTT 5 may never answer a v5 CONNECT (amqtt chokes on
+            # its properties and keeps the socket open), so the v5 probe of "auto" gets a short
+            # timeout; a v5 broker answers within milliseconds
+            probe = min(timeout, 5.0) if i < len(order) - 1 else timeout
+            ok, reason = self._try_connect(proto, probe)
             if ok:
                 self.protocol_in_use = proto
                 log.info("%s connected to %s:%d with MQTT %s", self.client_id, self.config.host, self.config.port, proto)

@@ -60,7 +60,7 @@ def run_wire_demo(size_mb: float = 20.0, out_dir: str = "demo-out") -> int:
     print(f"embedded broker (amqtt, MQTT 3.1.1) on {broker.host}:{broker.port}; "
           f"federation provisioned in {fed_dir}")
     spy = Eavesdropper(broker.host, broker.port)
-    over = {"host": broker.host, "port": broker.port, "tls": False}
+    over = {"host": broker.host, "port": broker.port, "tls": False, "protocol": "3.1.1"}  # amqtt: 3.1.1 only
     cfg = EndpointConfig(spill_dir=str(out))
     agg = load_endpoint(fed_dir / "parties" / "aggregator" / "config.json", cfg, **over).start()
     edge = load_endpoint(fed_dir / "parties" / "edge1" / "config.json", cfg, **over).start()
