@@ -33,6 +33,9 @@ log = logging.getLogger(__name__)
 
 Handler = Callable[[str, bytes], None]
 
+#: brokers (host, port) seen refusing MQTT 5 in this process: "auto" goes straight to 3.1.1
+_NO_V5: set[tuple[str, int]] = set()
+
 
 @dataclass
 class TLSConfig:
@@ -98,6 +101,8 @@ class MqttTransport:
     # -- lifecycle ------------------------------------------------------------------------
     def connect(self, timeout: float = 15.0) -> None:
         order = {"auto": ["5", "3.1.1"], "5": ["5"], "3.1.1": ["3.1.1"]}[self.config.protocol]
+        if self.config.protocol == "auto" and (self.config.host, self.config.port) in _NO_V5:
+            order = ["3.1.1"]
         last_error = "no attempt"
         for i, proto in enumerate(order):
             # a broker that does not speak MQTT 5 may never answer a v5 CONNECT (amqtt chokes on
@@ -113,6 +118,8 @@ class MqttTransport:
                     self._worker.start()
                 return
             last_error = reason
+            if proto == "5" and not reason.startswith("network:"):
+                _NO_V5.add((self.config.host, self.config.port))
             log.info("MQTT %s refused by %s:%d (%s)", proto, self.config.host, self.config.port, reason)
         raise TransportError(f"could not connect {self.client_id} to {self.config.host}:{self.config.port}: {last_error}")
 
@@ -146,7 +153,7 @@ class MqttTransport:
         try:
             client.connect(cfg.host, cfg.port, keepalive=cfg.keepalive, **kwargs)
         except (OSError, ssl.SSLError) as exc:
-            return False, f"{exc.__class__.__name__}: {exc}"
+            return False, f"network: {exc.__class__.__name__}: {exc}"
         client.loop_start()
         if not self._connack_event.wait(timeout):
             self._stop_client(client)
