@@ -108,6 +108,10 @@ class Endpoint:
         self.sealer = Sealer(identity, directory, max_message_bytes=self.config.max_message_bytes,
                              replay=ReplayGuard(self.config.replay_window_s, self.config.max_skew_s, clock), clock=clock)
         self.rejected: Counter[str] = Counter()
+        #: called (from the receive thread) for every rejected frame: (error, sender if known)
+        self.on_reject = None
+        #: bytes of accepted frames per sender (wire size, envelope included)
+        self.bytes_from: Counter[str] = Counter()
         self.recent_errors: deque[str] = deque(maxlen=100)
         self.presence: dict[str, dict] = {}
         self.round_floor = 0
@@ -254,10 +258,15 @@ class Endpoint:
                 "messages_in": s.messages_in, "rejected": dict(self.rejected)}
 
     # -- internals (transport worker thread) ------------------------------------------------
-    def _reject(self, exc: BridgeError, topic: str) -> None:
+    def _reject(self, exc: BridgeError, topic: str, sender: str | None = None) -> None:
         self.rejected[exc.code] += 1
         self.recent_errors.append(f"{exc.code}: {exc}")
         log.warning("%s rejected a frame on %s: %s: %s", self.me, topic, exc.__class__.__name__, exc)
+        if self.on_reject is not None:
+            try:
+                self.on_reject(exc, sender)
+            except Exception:  # a hook must not take the receiver down
+                log.exception("on_reject hook failed")
 
     def _on_frame(self, topic: str, payload: bytes) -> None:
         try:
@@ -268,9 +277,11 @@ class Endpoint:
         if kind == "status":
             self._on_presence(party, payload)
             return
+        sender = party if kind == "up" else None
         try:
             opened = self.sealer.open(payload)
             h = opened.header
+            self.bytes_from[h.sender] += len(payload)
             if kind == "up" and h.sender != party:
                 raise TamperedMessage(f"frame on {party}'s up topic signed by {h.sender!r}")
             if h.round < self.round_floor:
@@ -285,7 +296,7 @@ class Endpoint:
             self._park(exc.kid, topic, payload)
             return
         except BridgeError as exc:
-            self._reject(exc, topic)
+            self._reject(exc, topic, sender)
             return
         self._dispatch(h, msg)
 

@@ -1,0 +1,195 @@
+"""Tiny random-init causal LMs saved like a user's checkpoint, for tests.
+
+``make_tiny_llama`` / ``make_tiny_gpt2`` build a model from a config (no download), train a
+tokenizer on :data:`TINY_CORPUS` with ``algorithms.core.tokenizer.train_tokenizer`` and save both
+with ``save_pretrained`` (safetensors), so tests load them through the same
+``load_causal_lm`` path a real checkpoint takes. Results are cached per process by their
+arguments; the session-scoped fixtures ``tiny_llama_path`` / ``tiny_gpt2_path`` put them in a
+pytest temporary directory (a conftest can import them; a test module can also wrap
+:func:`session_model` in its own fixture, which shares the same directory).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+__all__ = [
+    "TINY_CORPUS",
+    "TINY_PAIRS",
+    "make_tiny_gpt2",
+    "make_tiny_llama",
+    "session_model",
+    "tiny_gpt2_path",
+    "tiny_llama_path",
+]
+
+TINY_CORPUS: list[str] = [
+    "The quick brown fox jumps over the lazy dog.",
+    "A journey of a thousand miles begins with a single step.",
+    "All that glitters is not gold.",
+    "The early bird catches the worm, but the second mouse gets the cheese.",
+    "In the beginning God created the heaven and the earth.",
+    "And the earth was without form, and void; and darkness was upon the face of the deep.",
+    "Knowledge speaks, but wisdom listens.",
+    "Edge devices train small language models on private data.",
+    "The aggregator averages adapters from many clients every round.",
+    "Low rank adapters keep the frozen base model small and the update tiny.",
+    "Quantized weights use four bits for each number in the matrix.",
+    "A watched pot never boils, and a rolling stone gathers no moss.",
+    "Time flies like an arrow; fruit flies like a banana.",
+    "Federated learning keeps raw data on the device where it was created.",
+    "Numbers: 0 1 2 3 4 5 6 7 8 9 10 42 100 2024.",
+    'Punctuation, quotes "like this", and (parentheses) appear too!',
+]
+
+TINY_PAIRS: list[tuple[str, str]] = [
+    ("Question: what colour is the sky? Answer:", " The sky is blue."),
+    ("Question: what do bees make? Answer:", " Bees make honey."),
+    ("Question: how many legs has a spider? Answer:", " A spider has eight legs."),
+    ("Question: where does the sun rise? Answer:", " The sun rises in the east."),
+]
+
+_CACHE: dict[tuple, Path] = {}
+
+
+def _tokenizer(vocab_size: int, style: str):
+    from algorithms.core.tokenizer import train_tokenizer
+
+    texts = TINY_CORPUS + [p + r for p, r in TINY_PAIRS]
+    return train_tokenizer(texts, vocab_size, style=style)
+
+
+def make_tiny_llama(
+    path: str | Path,
+    vocab_size: int = 400,
+    hidden: int = 64,
+    layers: int = 2,
+    heads: int = 4,
+    kv_heads: int = 2,
+    intermediate: int = 128,
+    max_positions: int = 256,
+    seed: int = 0,
+    tokenizer_style: str = "metaspace",
+) -> Path:
+    """A Llama-architecture model directory (weights + tokenizer) at ``path``."""
+    key = (
+        "llama",
+        str(path),
+        vocab_size,
+        hidden,
+        layers,
+        heads,
+        kv_heads,
+        intermediate,
+        max_positions,
+        seed,
+        tokenizer_style,
+    )
+    if key in _CACHE and (_CACHE[key] / "config.json").exists():
+        return _CACHE[key]
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tok = _tokenizer(vocab_size, tokenizer_style)
+    cfg = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        max_position_embeddings=max_positions,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        tie_word_embeddings=False,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(cfg)
+    out = Path(path)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(str(out))
+    tok.save_pretrained(str(out))
+    _CACHE[key] = out
+    return out
+
+
+def make_tiny_gpt2(
+    path: str | Path,
+    vocab_size: int = 400,
+    hidden: int = 64,
+    layers: int = 2,
+    heads: int = 4,
+    max_positions: int = 256,
+    seed: int = 0,
+    tokenizer_style: str = "bytelevel",
+) -> Path:
+    """A GPT-2-architecture model directory (weights + tokenizer) at ``path``."""
+    key = (
+        "gpt2",
+        str(path),
+        vocab_size,
+        hidden,
+        layers,
+        heads,
+        max_positions,
+        seed,
+        tokenizer_style,
+    )
+    if key in _CACHE and (_CACHE[key] / "config.json").exists():
+        return _CACHE[key]
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    tok = _tokenizer(vocab_size, tokenizer_style)
+    cfg = GPT2Config(
+        vocab_size=len(tok),
+        n_embd=hidden,
+        n_layer=layers,
+        n_head=heads,
+        n_positions=max_positions,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = GPT2LMHeadModel(cfg)
+    out = Path(path)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(str(out))
+    tok.save_pretrained(str(out))
+    _CACHE[key] = out
+    return out
+
+
+_FIXTURE_CACHE: dict[str, Path] = {}
+
+
+def session_model(kind: str, factory: pytest.TempPathFactory) -> Path:
+    """The default tiny model of ``kind`` ("llama" or "gpt2"), built once per process.
+
+    Several test modules (or a conftest) may define their own fixtures on top of this; they
+    all share one directory per kind.
+    """
+    path = _FIXTURE_CACHE.get(kind)
+    if path is None or not (path / "config.json").exists():
+        maker = make_tiny_llama if kind == "llama" else make_tiny_gpt2
+        path = maker(factory.mktemp(f"tiny-{kind}"))
+        _FIXTURE_CACHE[kind] = path
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Directory of the default tiny Llama (vocab ~400, hidden 64, 2 layers)."""
+    return session_model("llama", tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Directory of the default tiny GPT-2 (vocab ~400, hidden 64, 2 layers)."""
+    return session_model("gpt2", tmp_path_factory)
