@@ -46,6 +46,56 @@ def _demo(args: argparse.Namespace) -> int:
     return run_demo(args)
 
 
+def _aggregator(args: argparse.Namespace) -> int:
+    import json
+
+    from aggregator.config import AggregatorConfig
+
+    cfg = AggregatorConfig.load(args.config)
+    if args.action == "status":
+        from aggregator.state import StateStore
+
+        db = __import__("pathlib").Path(cfg.state_dir) / "state.db"
+        if not db.exists():
+            print(f"no state yet at {db}", file=sys.stderr)
+            return 1
+        with StateStore(db) as store:
+            print(json.dumps(store.status(), indent=2, default=str))
+        return 0
+    import signal
+
+    from aggregator.service import AggregatorService
+
+    svc = AggregatorService(cfg)
+    signal.signal(signal.SIGTERM, lambda *_: svc.stop())
+    status = svc.run()
+    print(json.dumps({"rounds_committed": status.get("rounds_committed"), "state": str(cfg.state_dir)}))
+    return 0
+
+
+def _edge(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from edge_sdk.config import EdgeConfig
+    from edge_sdk.data import load_samples
+
+    cfg = EdgeConfig.load(args.config)
+    if cfg.torch_threads:
+        import torch
+
+        torch.set_num_threads(cfg.torch_threads)
+    from edge_sdk.client import EdgeClient
+
+    base = Path(cfg.base)
+    client = EdgeClient(cfg.party_config, cfg.model_path, load_samples(cfg.data, base),
+                        eval_data=load_samples(cfg.eval, base), profile=cfg.profile, quant=cfg.quant,
+                        work_dir=cfg.work_dir, broker=cfg.broker, gradient_checkpointing=cfg.gradient_checkpointing)
+    client.run(max_idle_s=cfg.max_idle_s)
+    if args.save_adapter:
+        print(f"global adapter saved to {client.save_global_adapter(args.save_adapter)}")
+    return 0
+
+
 def _zoo(args: argparse.Namespace) -> int:
     from algorithms.zoo.cli import zoo_cli
 
@@ -89,6 +139,17 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", default="demo-out", help="where reports and plots go")
     s.set_defaults(func=_demo)
 
+    s = sub.add_parser("aggregator", help="the cloud aggregator service")
+    s.add_argument("action", choices=["serve", "status"])
+    s.add_argument("--config", required=True, help="aggregator config JSON")
+    s.set_defaults(func=_aggregator)
+
+    s = sub.add_parser("edge", help="run an edge client from a config file (the SDK's reference app)")
+    s.add_argument("action", choices=["run"])
+    s.add_argument("--config", required=True, help="edge client config JSON")
+    s.add_argument("--save-adapter", help="write the final global adapter here (peft format)")
+    s.set_defaults(func=_edge)
+
     s = sub.add_parser("zoo", help="build / inspect the project's tiny pretrained model zoo")
     s.add_argument("zoo_args", nargs=argparse.REMAINDER, help="e.g. build [--quick]")
     s.set_defaults(func=_zoo)
@@ -104,9 +165,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     except Exception as exc:  # typed errors of our packages become one clear line and exit code 2
+        from aggregator.errors import AggregatorError
         from bridge.errors import BridgeError
 
-        if isinstance(exc, BridgeError):
+        if isinstance(exc, (BridgeError, AggregatorError)):
             print(f"cotune: error: {exc.__class__.__name__}: {exc}", file=sys.stderr)
             return 2
         raise

@@ -419,9 +419,17 @@ def _logical_num_parameters(model: torch.nn.Module) -> int:
     return total
 
 
+def _quiet_transformers() -> None:
+    """No per-load "Loading weights" bars: cotune prints its own progress lines."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+
+
 def _load_plain(p: Path, dtype: torch.dtype, dev: torch.device) -> torch.nn.Module:
     from transformers import AutoModelForCausalLM
 
+    _quiet_transformers()
     try:
         model = AutoModelForCausalLM.from_pretrained(
             str(p), local_files_only=True, **{_dtype_kwarg(): dtype}
@@ -435,6 +443,8 @@ def _load_quantized(
     p: Path, quant: str, dev: torch.device, compute: torch.dtype, double_quant: bool
 ) -> torch.nn.Module:
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    _quiet_transformers()
 
     if quant == "nf4":
         qcfg = BitsAndBytesConfig(

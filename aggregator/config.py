@@ -1,0 +1,86 @@
+"""Aggregator service configuration (a JSON file; no tomllib on Python 3.10)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import AggregatorError
+
+
+class ConfigError(AggregatorError, ValueError):
+    code = "config"
+
+
+@dataclass
+class AggregatorConfig:
+    party_config: str  # the aggregator's config.json written by `cotune provision`
+    state_dir: str
+    algorithm: str = "fedavg"
+    algorithm_config: dict = field(default_factory=dict)
+    rounds: int = 3
+    #: selection: a fraction of the registered clients, at least min_clients
+    fraction: float = 1.0
+    min_clients: int = 1
+    #: the round closes at the deadline with >= quorum accepted updates (fraction of selected)
+    quorum: float = 1.0
+    round_deadline_s: float = 600.0
+    #: before round 1, wait up to this long for min_clients to show presence
+    wait_for_clients_s: float = 60.0
+    aggregation: str = "fedavg"  # fedavg | median | trimmed_mean
+    trim_fraction: float = 0.1
+    max_norm: float | None = None  # bound on the L2 norm of an update's delta to the global
+    clip: bool = False  # scale an over-norm update down instead of rejecting it
+    models: dict = field(default_factory=dict)  # role -> local checkpoint path ("slm", "llm")
+    public_data: list = field(default_factory=list)  # the auxiliary set D_p (texts)
+    seed: int = 0
+    broker: dict = field(default_factory=dict)  # overrides: host, port, tls, protocol, auth
+    chunk_size: int | None = None
+    stop_clients_when_done: bool = True
+
+    def __post_init__(self) -> None:
+        if self.rounds < 1:
+            raise ConfigError("rounds must be >= 1")
+        if not 0 < self.fraction <= 1:
+            raise ConfigError(f"fraction must be in (0, 1], got {self.fraction}")
+        if self.min_clients < 1:
+            raise ConfigError("min_clients must be >= 1")
+        if not 0 < self.quorum <= 1:
+            raise ConfigError(f"quorum is a fraction of the selected clients in (0, 1], got {self.quorum}")
+        if self.round_deadline_s <= 0:
+            raise ConfigError("round_deadline_s must be > 0")
+        if self.max_norm is not None and not (math.isfinite(self.max_norm) and self.max_norm > 0):
+            raise ConfigError("max_norm must be a positive number or null")
+
+    def quorum_count(self, selected: int) -> int:
+        return max(1, math.ceil(self.quorum * selected - 1e-9))
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> AggregatorConfig:
+        p = Path(path)
+        try:
+            data = json.loads(p.read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"no aggregator config at {p}") from None
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"{p} is not valid JSON: {exc}") from exc
+        known = set(cls.__dataclass_fields__)
+        unknown = set(data) - known
+        if unknown:
+            raise ConfigError(f"{p}: unknown keys {sorted(unknown)}; valid keys: {sorted(known)}")
+        base = p.parent
+        for key in ("party_config", "state_dir"):
+            if key in data and not os.path.isabs(data[key]):
+                data[key] = str(base / data[key])
+        data["models"] = {k: v if os.path.isabs(v) else str(base / v) for k, v in data.get("models", {}).items()}
+        try:
+            return cls(**data)
+        except TypeError as exc:
+            raise ConfigError(f"{p}: {exc}") from exc
+
+    def save(self, path: str | os.PathLike) -> None:
+        Path(path).write_text(json.dumps(asdict(self), indent=2))

@@ -1,0 +1,40 @@
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from algorithms.base import ClientAlgorithm, ClientReport, unpack_state
+from algorithms.core.lora_state import from_wire, to_wire
+from algorithms.core.modeling import adapter_state, load_adapter_state
+
+from .config import FedAvgConfig
+
+
+def _eval(ctx, block_size: int) -> dict:
+    held = ctx.eval_data()
+    if not held:
+        return {}
+    r = ctx.evaluate(held, block_size)
+    return {"nll": r.nll, "ppl": r.ppl, "acc": r.accuracy}
+
+
+class FedAvgClient(ClientAlgorithm):
+    name = "fedavg"
+
+    def run(self, task, downloads: Mapping[str, bytes], ctx) -> ClientReport:
+        cfg = FedAvgConfig.from_dict(task.config)
+        model = ctx.model(cfg.lora_spec())
+        load_adapter_state(model, from_wire(unpack_state(downloads["global"])))
+        before = _eval(ctx, cfg.eval_block_size)
+        data = ctx.private_data()
+        result = ctx.train(data, cfg.train_config())
+        after = _eval(ctx, cfg.eval_block_size)
+        metrics = {"train": result.to_dict(), **{f"{k}_before": v for k, v in before.items()},
+                   **{f"{k}_after": v for k, v in after.items()}}
+        return ClientReport(num_examples=len(data), tensors=to_wire(adapter_state(model), cfg.wire_dtype),
+                            metrics=metrics)
+
+    def apply_final(self, downloads: Mapping[str, bytes], ctx, config: Mapping | None = None) -> dict:
+        cfg = FedAvgConfig.from_dict(dict(config or {}))
+        model = ctx.model(cfg.lora_spec())
+        load_adapter_state(model, from_wire(unpack_state(downloads["global"])))
+        return {f"{k}_final": v for k, v in _eval(ctx, cfg.eval_block_size).items()}

@@ -1,0 +1,63 @@
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from algorithms.base import ConfigError
+from algorithms.core.lora_state import WIRE_DTYPES
+from algorithms.core.modeling import LoraSpec
+from algorithms.core.training import TrainConfig
+
+CONFIG_VERSION = 1
+
+
+def _default_train() -> dict:
+    return {"lr": 2e-3, "epochs": 1, "batch_size": 8, "block_size": 64, "max_steps": 40}
+
+
+@dataclass
+class FedAvgConfig:
+    """Everything a FedAvg-LoRA round needs; travels in ``Task.config``.
+
+    ``lora`` and ``train`` are the dict forms of :class:`LoraSpec` / :class:`TrainConfig`
+    (validated here, so a bad value fails on the server before any client trains)."""
+
+    lora: dict = field(default_factory=lambda: {"r": 8, "alpha": 16, "dropout": 0.0})
+    train: dict = field(default_factory=_default_train)
+    wire_dtype: str = "fp16"  # adapter encoding on the wire, both directions
+    eval_block_size: int = 64
+    lora_seed: int = 0
+    version: int = CONFIG_VERSION
+
+    def __post_init__(self) -> None:
+        if self.wire_dtype not in WIRE_DTYPES:
+            raise ConfigError(f"wire_dtype must be one of {WIRE_DTYPES}, got {self.wire_dtype!r}")
+        if self.version > CONFIG_VERSION:
+            raise ConfigError(f"config version {self.version} is newer than this build ({CONFIG_VERSION}); upgrade cotune")
+        try:
+            self.lora_spec()
+            self.train_config()
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"fedavg config: {exc}") from exc
+
+    def lora_spec(self) -> LoraSpec:
+        return LoraSpec.from_dict(self.lora)
+
+    def train_config(self) -> TrainConfig:
+        return TrainConfig.from_dict(self.train)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> FedAvgConfig:
+        known = {f for f in cls.__dataclass_fields__}
+        unknown = set(data) - known
+        if unknown:
+            import logging
+
+            logging.getLogger(__name__).warning("ignoring unknown fedavg config keys %s", sorted(unknown))
+        try:
+            return cls(**{k: v for k, v in data.items() if k in known})
+        except TypeError as exc:
+            raise ConfigError(f"fedavg config: {exc}") from exc

@@ -1,0 +1,177 @@
+"""EdgeClient: the Python API an edge application embeds.
+
+    client = EdgeClient("fed/parties/cam1/config.json", model_path="models/slm",
+                        private_data=my_texts, profile="orin-nano-8gb")
+    client.run()                                   # joins, trains when tasks arrive, uploads
+    client.save_global_adapter("adapters/global")  # standard peft format
+
+Every task is answered at most once per round: the update is cached on disk before it is sent,
+so a repeated Task (the aggregator restarted mid-round) gets the identical update again.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from algorithms import registry
+from algorithms.base import pack_state
+from algorithms.core.memory import PeakMemory
+from algorithms.core.modeling import adapter_state, save_peft_adapter
+from bridge.codec import decode, encode
+from bridge.endpoint import Endpoint, EndpointConfig, broker_config_for
+from bridge.envelope import ENVELOPE_OVERHEAD
+from bridge.errors import BridgeError
+from bridge.messages import BlobRef, ErrorReport, Note, Task, Update
+from bridge.provision import load_party_config
+
+from .context import DeviceContext
+
+log = logging.getLogger("cotune.edge")
+
+
+def resolve_quant(profile: str | None, quant: str | None) -> str:
+    """An explicit ``quant`` wins; otherwise the device profile's default (nf4 where
+    bitsandbytes trains on that device, else bf16/fp16/fp32)."""
+    if quant:
+        return quant
+    if profile:
+        from firmware_profiles import get_profile
+
+        return get_profile(profile).default_quant()
+    return "fp32"
+
+
+class EdgeClient:
+    def __init__(self, party_config: str | os.PathLike, model_path: str | os.PathLike, private_data: list, *,
+                 eval_data: list | None = None, profile: str | None = "generic-cpu", quant: str | None = None,
+                 work_dir: str | os.PathLike | None = None, broker: dict | None = None,
+                 gradient_checkpointing: bool = False, progress: Any = "log"):
+        pc = load_party_config(party_config)
+        self.party = pc
+        self.party_id = pc.party_id
+        self.work_dir = Path(work_dir or Path(pc.path).parent / "work")
+        (self.work_dir / "updates").mkdir(parents=True, exist_ok=True)
+        self.profile = profile
+        self.ctx = DeviceContext(pc.party_id, model_path, private_data, eval_data,
+                                 quant=resolve_quant(profile, quant), gradient_checkpointing=gradient_checkpointing,
+                                 progress=progress)
+        self.endpoint = Endpoint(pc.identity, pc.directory, broker_config_for(pc, **(broker or {})),
+                                 EndpointConfig(max_message_bytes=pc.max_packet_bytes, spill_dir=str(self.work_dir)))
+        self.aggregator_id = pc.directory.aggregator()
+        self.history: list[dict] = []
+        self.final: dict = {}
+        self._algorithm = None
+
+    # -- main loop --------------------------------------------------------------------------
+    def run(self, *, max_idle_s: float | None = None, stop_when_done: bool = True) -> list[dict]:
+        """Serve tasks until the aggregator says the federation is done (or ``max_idle_s``
+        passes without a message)."""
+        self.endpoint.start()
+        last = time.monotonic()
+        try:
+            while True:
+                inbound = self.endpoint.recv(timeout=0.5)
+                if inbound is None:
+                    if max_idle_s is not None and time.monotonic() - last > max_idle_s:
+                        log.info("%s: idle for %.0fs, leaving", self.party_id, max_idle_s)
+                        break
+                    continue
+                last = time.monotonic()
+                msg = inbound.message
+                if isinstance(msg, Task):
+                    self.handle_task(msg, inbound.sender)
+                elif isinstance(msg, Note) and msg.kind == "done":
+                    self._apply_final(msg, inbound.sender)
+                    if stop_when_done and msg.data.get("stop", True):
+                        break
+                elif isinstance(msg, ErrorReport):
+                    log.warning("%s: aggregator reported %s: %s", self.party_id, msg.code, msg.detail)
+                    self.history.append({"round": msg.round, "error": msg.code, "detail": msg.detail})
+        finally:
+            self.endpoint.close()
+        return self.history
+
+    # -- one task --------------------------------------------------------------------------
+    def _cache_path(self, round: int) -> Path:
+        return self.work_dir / "updates" / f"round-{round:05d}.msg"
+
+    def handle_task(self, task: Task, sender: str) -> None:
+        cached = self._cache_path(task.round)
+        if cached.exists():
+            log.info("%s: task for round %d already answered; re-sending the cached update", self.party_id, task.round)
+            self._send_update(decode(cached.read_bytes()), cached.with_suffix(".blob"))
+            return
+        if task.deadline and time.time() > task.deadline:
+            log.warning("%s: task for round %d arrived after its deadline; skipped", self.party_id, task.round)
+            return
+        t0 = time.time()
+        bytes_in0 = self.endpoint.transport.stats.bytes_in
+        downloads = {}
+        for name in task.downloads:
+            res = self.endpoint.fetch_blob(task.blob(name), sender, timeout=600)
+            downloads[name] = bytes(res.read())
+            res.discard()
+        algo = registry.get(task.algorithm).client()
+        self._algorithm = (algo, task.config)
+        self.ctx.round = task.round
+        with PeakMemory() as peak:
+            report = algo.run(task, downloads, self.ctx)
+        payload = pack_state(report.tensors)
+        metrics = {**report.metrics, "seconds": round(time.time() - t0, 3), "peak_memory_bytes": peak.peak_bytes,
+                   "peak_memory_kind": peak.kind, "bytes_down": self.endpoint.transport.stats.bytes_in - bytes_in0,
+                   "quant": self.ctx.quant}
+        inline = len(payload) + 2 * ENVELOPE_OVERHEAD + 4096 < self.endpoint.config.max_message_bytes
+        update = Update(round=task.round, algorithm=task.algorithm, num_examples=report.num_examples,
+                        metrics=metrics, tensors=report.tensors if inline else {})
+        blob_path = cached.with_suffix(".blob")
+        if not inline:
+            blob_path.write_bytes(payload)
+        tmp = cached.with_suffix(".tmp")
+        tmp.write_bytes(encode(update))
+        os.replace(tmp, cached)  # cached before sent: a repeated task gets the same answer
+        self._send_update(update, blob_path)
+        self.history.append({"round": task.round, **metrics, "num_examples": report.num_examples})
+        log.info("%s: round %d update sent (%d examples, %.1fs)", self.party_id, task.round, report.num_examples,
+                 time.time() - t0)
+
+    def _send_update(self, update: Update, blob_path: Path) -> None:
+        if not update.tensors and blob_path.exists():
+            ref: BlobRef = self.endpoint.send_blob(self.aggregator_id, blob_path, kind="update", round=update.round)
+            update = Update(round=update.round, algorithm=update.algorithm, num_examples=update.num_examples,
+                            metrics=update.metrics, blobs={"update": ref.to_json()})
+        self.endpoint.send(self.aggregator_id, update, round=update.round)
+
+    def _apply_final(self, note: Note, sender: str) -> None:
+        downloads = {}
+        for name, ref in note.data.get("downloads", {}).items():
+            try:
+                res = self.endpoint.fetch_blob(BlobRef.from_json(ref), sender, timeout=600)
+            except BridgeError as exc:
+                log.warning("%s: could not fetch the final %s: %s", self.party_id, name, exc)
+                return
+            downloads[name] = bytes(res.read())
+            res.discard()
+        algo = registry.get(note.data.get("algorithm", "fedavg")).client()
+        self._algorithm = (algo, note.data.get("config", {}))
+        self.final = algo.apply_final(downloads, self.ctx, note.data.get("config", {}))
+        try:
+            self.endpoint.send(sender, Note("final", self.final, round=note.round), round=note.round)
+        except BridgeError as exc:
+            log.warning("%s: could not report final metrics: %s", self.party_id, exc)
+        log.info("%s: final model applied %s", self.party_id, json.dumps(self.final))
+
+    # -- results -------------------------------------------------------------------------------
+    def save_global_adapter(self, out_dir: str | os.PathLike) -> Path:
+        """The adapter currently applied (the global one after the federation finished), in
+        standard peft format: ``PeftModel.from_pretrained(base, out_dir)`` loads it."""
+        if self.ctx._peft is None:
+            raise RuntimeError("no adapter yet: run the federation first")
+        return save_peft_adapter(self.ctx._peft, self.ctx.model_path, out_dir)
+
+    def adapter_state(self) -> dict:
+        return adapter_state(self.ctx._peft)
