@@ -41,6 +41,7 @@ class AggregatorConfig:
     broker: dict = field(default_factory=dict)  # overrides: host, port, tls, protocol, auth
     chunk_size: int | None = None
     stop_clients_when_done: bool = True
+    final_wait_s: float = 30.0  # how long to collect clients' evaluations of the final model
 
     def __post_init__(self) -> None:
         if self.rounds < 1:

@@ -71,7 +71,7 @@ class AggregatorService:
         self.progress = progress or (lambda *_: None)
         self.state_dir = Path(config.state_dir)
         self.state_dir.mkdir(parents=True, exist_ok=True)
-        self.store = StateStore(self.state_dir / "state.db")
+        self.store: StateStore | None = None  # opened in run(): SQLite connections belong to one thread
         _attach_event_log(self.state_dir / "events.jsonl")
         pc = load_party_config(config.party_config)
         self.party = pc
@@ -92,6 +92,13 @@ class AggregatorService:
         self._stop.set()
 
     def run(self) -> dict:
+        self.store = StateStore(self.state_dir / "state.db")
+        try:
+            return self._run()
+        finally:
+            self.store.close()
+
+    def _run(self) -> dict:
         fed = self.store.federation()
         if fed is None:
             self.progress(f"initialising federation {self.party.federation!r} ({self.cfg.algorithm})")
@@ -122,11 +129,14 @@ class AggregatorService:
 
     # -- selection ------------------------------------------------------------------------
     def _select(self, round: int) -> list[str]:
+        """A seeded sample of ``fraction`` of the clients that are online (retained presence),
+        at least ``min_clients``. Before round 1 the service waits up to
+        ``wait_for_clients_s`` for every registered client to show up."""
         clients = self.party.directory.clients()
         if round == 1:
             deadline = time.monotonic() + self.cfg.wait_for_clients_s
             while time.monotonic() < deadline and not self._stop.is_set():
-                if len(self._online(clients)) >= min(self.cfg.min_clients, len(clients)):
+                if len(self._online(clients)) == len(clients):
                     break
                 time.sleep(0.2)
         online = self._online(clients)
@@ -201,8 +211,10 @@ class AggregatorService:
         _event("tasks_sent", round=r, clients=clients, blobs={k: v["size"] for k, v in refs.items()})
 
     def _pending(self, r: int) -> list[str]:
+        """Selected clients without an accepted update. A client whose update was rejected may
+        send a corrected one until the deadline, so it stays pending."""
         rs = self.store.load_round(r, with_partial=False)
-        return [c for c, p in rs.participants.items() if p.status == "selected"]
+        return [c for c, p in rs.participants.items() if p.status in ("selected", "rejected")]
 
     def _collect(self, r: int, agg: Aggregator, spec: UpdateSpec, deadline: float,
                  bytes_at_start: dict) -> None:
@@ -320,9 +332,10 @@ class AggregatorService:
                                                 "stop": self.cfg.stop_clients_when_done}, round=self.cfg.rounds),
                                round=self.cfg.rounds)
         self.progress(f"federation finished after {self.cfg.rounds} rounds; final model sent to {len(clients)} clients")
-        # collect final evaluations for a short while (for reports)
-        deadline = time.time() + min(120.0, self.cfg.round_deadline_s)
-        waiting = set(clients)
+        # collect the final evaluations of the last round's participants, for reports
+        last = self.store.load_round(self.cfg.rounds, with_partial=False).accepted
+        deadline = time.time() + self.cfg.final_wait_s
+        waiting = set(last) & set(self._online(clients))
         while waiting and time.time() < deadline and not self._stop.is_set():
             inbound = self.endpoint.recv(timeout=0.5)
             if inbound is not None and isinstance(inbound.message, Note) and inbound.message.kind == "final":
