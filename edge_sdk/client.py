@@ -64,6 +64,7 @@ class EdgeClient:
                                  EndpointConfig(max_message_bytes=pc.max_packet_bytes, spill_dir=str(self.work_dir)))
         self.aggregator_id = pc.directory.aggregator()
         self.history: list[dict] = []
+        self._wire_mark = (0, 0)  # transport (bytes_in, bytes_out) when the previous round ended
         self.final: dict = {}
         self._algorithm = None
 
@@ -135,7 +136,12 @@ class EdgeClient:
         tmp.write_bytes(encode(update))
         os.replace(tmp, cached)  # cached before sent: a repeated task gets the same answer
         self._send_update(update, blob_path)
-        self.history.append({"round": task.round, **metrics, "num_examples": report.num_examples})
+        stats = self.endpoint.transport.stats
+        # everything on the wire since the previous round ended: key grant, task, blobs, update,
+        # acknowledgements, presence; envelopes included
+        wire = {"wire_bytes_down": stats.bytes_in - self._wire_mark[0], "wire_bytes_up": stats.bytes_out - self._wire_mark[1]}
+        self._wire_mark = (stats.bytes_in, stats.bytes_out)
+        self.history.append({"round": task.round, **metrics, **wire, "num_examples": report.num_examples})
         log.info("%s: round %d update sent (%d examples, %.1fs)", self.party_id, task.round, report.num_examples,
                  time.time() - t0)
 
