@@ -2,6 +2,7 @@
 
 In one run, through the same Mosquitto (mTLS, the generated ACL), the same payload travels
   (a) raw:    plain paho QoS 1 publishes of the same chunk size, concatenated by a plain subscriber;
+              (the receiver of every path runs in its own process, as on real machines)
   (b) bridge: cotune's encrypted, signed, chunked transfer, reassembled and SHA-256 verified;
   (c) single: one unchunked QoS 1 publish of the whole payload, for reference.
 Repetitions alternate (a) and (b); medians are reported. Last line:
@@ -16,6 +17,7 @@ import os
 import shutil
 import ssl
 import statistics
+import subprocess
 import sys
 import tempfile
 import threading
@@ -29,7 +31,8 @@ from paho.mqtt.enums import CallbackAPIVersion  # noqa: E402
 
 from bridge.broker import MosquittoBroker, find_mosquitto, free_port  # noqa: E402
 from bridge.endpoint import EndpointConfig, load_endpoint  # noqa: E402
-from bridge.provision import load_party_config, provision  # noqa: E402
+from bridge.messages import Update  # noqa: E402
+from bridge.provision import FederationPaths, load_party_config, provision  # noqa: E402
 from bridge.transport import acked  # noqa: E402
 
 CHUNK = 256 * 1024
@@ -50,66 +53,85 @@ def raw_client(pc, name: str, on_message=None) -> mqtt.Client:
     return c
 
 
-def run_raw(agg_pc, edge_pc, topic: str, payload: bytes, chunk: int) -> float:
-    """Seconds for the payload to go edge -> broker -> aggregator as raw chunks."""
-    parts: list[bytes] = []
-    n = (len(payload) + chunk - 1) // chunk
-    done = threading.Event()
+def receiver(mode: str, fed_dir: str, size: int, chunk: int) -> None:
+    """Runs in its own process (sender and receiver are different machines in real life, and
+    one Python process would serialise both ends on the GIL). Prints "ready", then the wall
+    time at which the payload was complete and verified."""
+    paths = FederationPaths.open(fed_dir)
+    agg_pc = load_party_config(paths.party_config("aggregator"))
+    topic = paths.topics.up("edge")
+    if mode == "bridge":
+        cfg = EndpointConfig(chunk_size=chunk, max_message_bytes=chunk + 8192, spill_dir=fed_dir,
+                             spill_threshold=2 * size)
+        agg = load_endpoint(paths.party_config("aggregator"), cfg)
+        # no persistent session here: the broker must not queue the raw runs' frames for us
+        agg.transport.config.session_expiry_s = 0
+        agg.start()
+        print("ready", flush=True)
+        msg = agg.recv(timeout=300)
+        res = agg.fetch_blob(msg.message.blob("payload"), "edge", timeout=300)
+        done = time.time()
+        ok = len(res.read()) == size  # the endpoint verified the SHA-256 already
+        agg.close()
+    else:
+        n = 1 if mode == "single" else (size + chunk - 1) // chunk
+        parts: list[bytes] = []
+        complete = threading.Event()
 
-    def on_message(client, userdata, msg):
-        parts.append(msg.payload)
-        if len(parts) == n:
-            done.set()
+        def on_message(client, userdata, msg):
+            parts.append(msg.payload)
+            if len(parts) == n:
+                complete.set()
 
-    sub = raw_client(agg_pc, f"bench-raw-sub-{os.getpid()}", on_message)
-    sub.subscribe(topic, qos=1)
-    time.sleep(0.3)
-    pub = raw_client(edge_pc, f"bench-raw-pub-{os.getpid()}")
-    t0 = time.perf_counter()
+        sub = raw_client(agg_pc, f"bench-{mode}-sub-{os.getpid()}", on_message)
+        sub.subscribe(topic, qos=1)
+        time.sleep(0.3)
+        print("ready", flush=True)
+        complete.wait(300)
+        joined = b"".join(parts)
+        done = time.time()
+        ok = len(joined) == size
+        sub.disconnect()
+        sub.loop_stop()
+    print(json.dumps({"done_at": done, "ok": ok}), flush=True)
+
+
+def timed(mode: str, paths, payload: bytes, chunk: int, send) -> float:
+    proc = subprocess.Popen([sys.executable, __file__, "--receiver", mode, "--fed", str(paths.root),
+                             "--size", str(len(payload)), "--chunk", str(chunk)], stdout=subprocess.PIPE, text=True)
+    try:
+        if proc.stdout.readline().strip() != "ready":
+            raise RuntimeError(f"{mode} receiver did not start")
+        t0 = time.time()
+        send()
+        result = json.loads(proc.stdout.readline())
+    finally:
+        proc.wait(60)
+    if not result["ok"]:
+        raise RuntimeError(f"{mode}: payload incomplete or wrong")
+    return result["done_at"] - t0
+
+
+def send_raw(pc, topic: str, payload: bytes, chunk: int) -> None:
+    pub = raw_client(pc, f"bench-raw-pub-{os.getpid()}")
     window = []
-    for i in range(n):
-        window.append(pub.publish(topic, payload[i * chunk:(i + 1) * chunk], qos=1))
+    for i in range(0, len(payload), chunk):
+        window.append(pub.publish(topic, payload[i:i + chunk], qos=1))
         while len(window) >= 32:
             if acked(window[0]):
                 window.pop(0)
             else:
                 time.sleep(0.0005)
-    if not done.wait(300):
-        raise RuntimeError("raw transfer incomplete")
-    joined = b"".join(parts)
-    seconds = time.perf_counter() - t0
-    assert joined == payload, "raw path reordered or lost data"
-    for c in (pub, sub):
-        c.disconnect()
-        c.loop_stop()
-    return seconds
+    for info in window:
+        while not acked(info):
+            time.sleep(0.0005)
+    pub.disconnect()
+    pub.loop_stop()
 
 
-def run_bridge(agg, edge, payload: bytes) -> float:
-    t0 = time.perf_counter()
+def send_bridge(edge, payload: bytes) -> None:
     ref = edge.send_blob("aggregator", payload, round=1)
-    res = agg.fetch_blob(ref, edge.me, timeout=300)
-    seconds = time.perf_counter() - t0
-    assert res.read() == payload
-    res.discard()
-    return seconds
-
-
-def run_single(agg_pc, edge_pc, topic: str, payload: bytes) -> float:
-    got = threading.Event()
-    sub = raw_client(agg_pc, f"bench-single-sub-{os.getpid()}", lambda *a: got.set())
-    sub.subscribe(topic, qos=1)
-    time.sleep(0.3)
-    pub = raw_client(edge_pc, f"bench-single-pub-{os.getpid()}")
-    t0 = time.perf_counter()
-    pub.publish(topic, payload, qos=1)
-    if not got.wait(300):
-        raise RuntimeError("single publish never arrived")
-    seconds = time.perf_counter() - t0
-    for c in (pub, sub):
-        c.disconnect()
-        c.loop_stop()
-    return seconds
+    edge.send("aggregator", Update(round=1, algorithm="bench", num_examples=1, blobs={"payload": ref.to_json()}))
 
 
 def main() -> None:
@@ -118,7 +140,13 @@ def main() -> None:
     ap.add_argument("--mb", type=float, help="payload size in MB (default 64, quick 20)")
     ap.add_argument("--reps", type=int)
     ap.add_argument("--chunk", type=int, default=CHUNK)
+    ap.add_argument("--receiver", help=argparse.SUPPRESS)
+    ap.add_argument("--fed", help=argparse.SUPPRESS)
+    ap.add_argument("--size", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.receiver:
+        receiver(args.receiver, args.fed, args.size, args.chunk)
+        return
     size = int((args.mb or (20 if args.quick else 64)) * 1024 * 1024)
     reps = args.reps or (3 if args.quick else 5)
     if find_mosquitto() is None:
@@ -128,31 +156,28 @@ def main() -> None:
     paths = provision(root / "fed", "bench", ["edge"], port=free_port(), max_packet_bytes=size + (1 << 20))
     broker = MosquittoBroker(paths.mosquitto_conf).start()
     payload = os.urandom(size)
-    agg_pc, edge_pc = (load_party_config(paths.party_config(p)) for p in ("aggregator", "edge"))
-    cfg = EndpointConfig(chunk_size=args.chunk, max_message_bytes=args.chunk + 8192, spill_dir=str(root),
-                         spill_threshold=2 * size)
-    agg = load_endpoint(paths.party_config("aggregator"), cfg).start()
+    edge_pc = load_party_config(paths.party_config("edge"))
+    cfg = EndpointConfig(chunk_size=args.chunk, max_message_bytes=args.chunk + 8192)
     edge = load_endpoint(paths.party_config("edge"), cfg).start()
     topic = paths.topics.up("edge")
     raw_s, bridge_s = [], []
     try:
-        run_bridge(agg, edge, payload[: 4 * args.chunk])  # warm-up
         for r in range(reps):
-            raw_s.append(run_raw(agg_pc, edge_pc, topic, payload, args.chunk))
-            bridge_s.append(run_bridge(agg, edge, payload))
+            raw_s.append(timed("raw", paths, payload, args.chunk, lambda: send_raw(edge_pc, topic, payload, args.chunk)))
+            bridge_s.append(timed("bridge", paths, payload, args.chunk, lambda: send_bridge(edge, payload)))
             print(f"rep {r + 1}/{reps}: raw {size / raw_s[-1] / 1e6:.1f} MB/s, "
                   f"bridge {size / bridge_s[-1] / 1e6:.1f} MB/s", flush=True)
-        single = run_single(agg_pc, edge_pc, topic, payload)
+        single = timed("single", paths, payload, size, lambda: send_raw(edge_pc, topic, payload, size))
     finally:
         edge.close()
-        agg.close()
         broker.stop()
         shutil.rmtree(root, ignore_errors=True)
     raw_mbps = size / statistics.median(raw_s) / 1e6
     bridge_mbps = size / statistics.median(bridge_s) / 1e6
     result = {"raw_MBps": round(raw_mbps, 1), "bridge_MBps": round(bridge_mbps, 1),
               "ratio": round(bridge_mbps / raw_mbps, 3), "single_publish_MBps": round(size / single / 1e6, 1),
-              "payload_MB": round(size / 1e6, 1), "chunk_bytes": args.chunk, "reps": reps, "tls": True}
+              "payload_MB": round(size / 1e6, 1), "chunk_bytes": args.chunk, "reps": reps, "tls": True,
+              "receiver": "separate process"}
     print("BENCH transport " + json.dumps(result))
 
 
