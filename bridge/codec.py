@@ -17,6 +17,7 @@ import dataclasses
 import json
 import logging
 import struct
+import types
 import typing
 from typing import Any, ClassVar
 
@@ -159,7 +160,7 @@ _JSON_TYPES = {str: str, int: int, float: (int, float), bool: bool, list: list, 
 
 def _check_type(mtype: str, name: str, value: Any, hint: Any) -> Any:
     origin = typing.get_origin(hint) or hint
-    if origin is typing.Union:  # Optional[X]
+    if origin is typing.Union or origin is types.UnionType:  # Optional[X], X | None
         args = [a for a in typing.get_args(hint) if a is not type(None)]
         if value is None:
             return None

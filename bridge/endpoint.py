@@ -461,7 +461,9 @@ def broker_config_for(pc, *, host: str | None = None, port: int | None = None, t
 
 def load_endpoint(party_config: str | os.PathLike, config: EndpointConfig | None = None, **broker_overrides) -> Endpoint:
     """An endpoint from a provisioned party config file (``cotune provision``)."""
-    from .provision import load_party_config  # provisioning pulls in x509; keep it off the hot import path
+    from .provision import (
+        load_party_config,  # provisioning pulls in x509; keep it off the hot import path
+    )
 
     pc = load_party_config(Path(party_config))
     cfg = config or EndpointConfig(max_message_bytes=pc.max_packet_bytes)

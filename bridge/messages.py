@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Optional
 
 from .codec import Message, Tensors, register
 
@@ -154,7 +153,7 @@ class ErrorReport(Message):
     VERSION = 1
     code: str
     detail: str = ""
-    ref: Optional[str] = None  # message id or blob hash the error is about
+    ref: str | None = None  # message id or blob hash the error is about
     round: int = 0
 
 

@@ -16,7 +16,6 @@ from pathlib import Path
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
-from bridge.blobs import sha256_bytes
 from bridge.broker import EmbeddedBroker
 from bridge.endpoint import EndpointConfig, load_endpoint
 from bridge.messages import Note, Update

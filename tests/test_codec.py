@@ -124,3 +124,10 @@ def test_blob_ref_validates():
         Task(round=1, algorithm="a", downloads={"g": {"sha256": "00" * 32, "size": -1, "chunk_size": 4}})
     assert BlobRef("00" * 32, 10, 4).total_chunks == 3
     assert BlobRef("00" * 32, 0, 4).total_chunks == 1
+
+
+def test_optional_field_types_are_checked():
+    raw = _rewrite_header(encode(ErrorReport("x", "y", "mid", 1)), lambda h: h["fields"].update(ref=5))
+    with pytest.raises(MalformedMessage):
+        decode(raw)
+    assert decode(encode(ErrorReport("x", "y", None, 1))).ref is None
