@@ -131,11 +131,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=_broker)
 
     s = sub.add_parser("demo", help="run the main job end to end on embedded defaults")
-    s.add_argument("--algorithm", default="wire", help="wire (encrypted blob exchange) or a registered algorithm")
+    s.add_argument("--algorithm", default="fedavg", help="a registered algorithm, or 'wire' (encrypted blob exchange only)")
     s.add_argument("--size-mb", type=float, default=20.0, help="wire demo: blob size")
     s.add_argument("--clients", type=int, default=3)
     s.add_argument("--rounds", type=int, default=3)
-    s.add_argument("--quick", action="store_true")
+    s.add_argument("--quick", action="store_true", help="fewer steps and less data (about 3 minutes)")
+    s.add_argument("--tiny-zoo", action="store_true", help="the zoo's quick (much smaller, weaker) models: for smoke tests")
     s.add_argument("--out", default="demo-out", help="where reports and plots go")
     s.set_defaults(func=_demo)
 

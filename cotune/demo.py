@@ -49,7 +49,7 @@ def run_demo(args) -> int:
     (out / "logs").mkdir(parents=True)
     t_start = time.time()
     print("model zoo: building or loading from cache ...", flush=True)
-    zoo = build_zoo(progress=True)
+    zoo = build_zoo(quick=getattr(args, "tiny_zoo", False), progress=True)
     slm = zoo["slm-llama"]
     names = [f"edge{i + 1}" for i in range(args.clients)]
     doms = domains()
@@ -117,11 +117,19 @@ def _follow(procs: dict, db: Path, rounds: int) -> int:
 
     shown = 0
     agg = procs["aggregator"]
+    reported: set[str] = set()
+    clients = [n for n in procs if n != "aggregator"]
     while agg.poll() is None:
         time.sleep(1.0)
-        dead = [n for n, p in procs.items() if n != "aggregator" and p.poll() not in (None, 0)]
-        if dead:
-            print(f"client process(es) failed: {dead}; see their logs", file=sys.stderr)
+        dead = [n for n in clients if procs[n].poll() not in (None, 0)]
+        for n in sorted(set(dead) - reported):
+            print(f"client {n} failed (exit {procs[n].returncode}); see its log", file=sys.stderr)
+            reported.add(n)
+        if dead and len(dead) == len(clients):
+            print("every client failed; stopping the aggregator", file=sys.stderr)
+            agg.terminate()
+            agg.wait(30)
+            return 1
         if not db.exists():
             continue
         try:
