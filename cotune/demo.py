@@ -175,7 +175,7 @@ def collect_report(db: Path, domain_of: dict) -> dict:
 
 def print_table(report: dict) -> None:
     print(f"\n{'round':>5} {'client':<8} {'domain':<14} {'ppl before':>10} {'ppl after':>10} {'up KB':>8} "
-          f"{'down KB':>8} {'peak MB':>8} {'time s':>7}")
+          f"{'down KB':>8} {'RSS MB':>8} {'time s':>7}")
     for r in report["rounds"]:
         for c, m in r["clients"].items():
             if m["status"] != "accepted":
@@ -216,6 +216,7 @@ def plot_report(report: dict, path: Path) -> None:
             ys.append(report["final"][c]["ppl_final"])
         dom = report["rounds"][0]["clients"][c].get("domain")
         ax.plot(xs, ys, marker="o", label=f"{c} ({dom})")
+    ax.set_xticks(range(len(report["rounds"]) + 1))
     ax.set_xlabel("rounds completed")
     ax.set_ylabel("held-out perplexity of the global model")
     ax.set_title(f"cotune {report['federation']['algorithm']}: each client's private domain")

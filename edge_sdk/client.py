@@ -111,7 +111,6 @@ class EdgeClient:
             log.warning("%s: task for round %d arrived after its deadline; skipped", self.party_id, task.round)
             return
         t0 = time.time()
-        bytes_in0 = self.endpoint.transport.stats.bytes_in
         downloads = {}
         for name in task.downloads:
             res = self.endpoint.fetch_blob(task.blob(name), sender, timeout=600)
@@ -124,7 +123,8 @@ class EdgeClient:
             report = algo.run(task, downloads, self.ctx)
         payload = pack_state(report.tensors)
         metrics = {**report.metrics, "seconds": round(time.time() - t0, 3), "peak_memory_bytes": peak.peak_bytes,
-                   "peak_memory_kind": peak.kind, "bytes_down": self.endpoint.transport.stats.bytes_in - bytes_in0,
+                   "peak_memory_kind": peak.kind, # since the previous round ended: the broadcast blobs and key grant precede the Task
+                   "bytes_down": self.endpoint.transport.stats.bytes_in - self._wire_mark[0],
                    "quant": self.ctx.quant}
         inline = len(payload) + 2 * ENVELOPE_OVERHEAD + 4096 < self.endpoint.config.max_message_bytes
         update = Update(round=task.round, algorithm=task.algorithm, num_examples=report.num_examples,
