@@ -96,6 +96,18 @@ def _edge(args: argparse.Namespace) -> int:
     return 0
 
 
+def _profiles(args: argparse.Namespace) -> int:
+    from firmware_profiles.cli import profiles_cli
+
+    return profiles_cli(args.rest)
+
+
+def _plan(args: argparse.Namespace) -> int:
+    from firmware_profiles.cli import plan_cli
+
+    return plan_cli(args.rest)
+
+
 def _zoo(args: argparse.Namespace) -> int:
     from algorithms.zoo.cli import zoo_cli
 
@@ -151,13 +163,29 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--save-adapter", help="write the final global adapter here (peft format)")
     s.set_defaults(func=_edge)
 
+    s = sub.add_parser("profiles", help="Jetson-class device profiles: list | show ID", add_help=False)
+    s.add_argument("rest", nargs=argparse.REMAINDER)
+    s.set_defaults(func=_profiles)
+
+    s = sub.add_parser("plan", help="will a training job fit on a device? (memory planner)", add_help=False)
+    s.add_argument("rest", nargs=argparse.REMAINDER)
+    s.set_defaults(func=_plan)
+
     s = sub.add_parser("zoo", help="build / inspect the project's tiny pretrained model zoo")
     s.add_argument("zoo_args", nargs=argparse.REMAINDER, help="e.g. build [--quick]")
     s.set_defaults(func=_zoo)
     return p
 
 
+_PASSTHROUGH = {"profiles": _profiles, "plan": _plan, "zoo": _zoo}
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in _PASSTHROUGH:  # subcommands with their own parsers
+        logging.basicConfig(level=logging.WARNING)
+        key = "zoo_args" if argv[0] == "zoo" else "rest"
+        return int(_PASSTHROUGH[argv[0]](argparse.Namespace(**{key: argv[1:]})) or 0)
     args = build_parser().parse_args(argv)
     level = logging.WARNING - 10 * min(args.verbose, 2)
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -1,0 +1,1232 @@
+"""Memory planner: will this (quantized) LoRA fine-tuning job fit this device?
+
+:func:`plan` predicts the peak memory of training (or of inference) from a model's
+``config.json``, a :class:`~firmware_profiles.profiles.DeviceProfile` and a :class:`Workload`,
+with a breakdown by term; :func:`recommend` searches quantization, LoRA rank, batch, sequence
+length and checkpointing for the best configuration that fits. Standard library only: the
+planner never imports torch, so it runs on any machine.
+
+How the numbers are derived (first principles, per token unless said otherwise; ``c`` = bytes
+of the compute dtype, ``h`` hidden, ``i`` intermediate, ``kv`` = kv_heads * head_dim, ``nh``
+heads, ``T`` sequence length, ``V`` vocabulary, ``L`` layers, ``N = B*T`` tokens of a step):
+
+weights
+    quantized linear layers (every decoder Linear/Conv1D; the LM head is never quantized):
+    nf4 = numel/2 bytes + one absmax per 64-value block (fp32, or with double quantization an
+    uint8 per block + an fp32 per 256 blocks + a 256-entry fp32 code per layer); int8 = numel
+    bytes + an fp32 scale per output row. Embeddings, LM head (once when tied), norms and
+    biases stay in the compute dtype. Plain modes: every parameter in that dtype.
+LoRA / gradients / optimizer
+    ``r * (in + out)`` fp32 parameters per adapted layer (peft keeps adapters in fp32);
+    gradients of the trainable parameters only; AdamW keeps two states of the parameter's
+    dtype (8 bytes per fp32 parameter), bitsandbytes' 8-bit AdamW 2 bytes + blockwise scales
+    (fp32 states for tensors under 4096 values), SGD none (with momentum one).
+activations
+    the tensors autograd saves for backward, derived per decoder layer from the forward code
+    of transformers' Llama/Qwen2/Mistral decoder layer and GPT-2 block (and peft's LoRA
+    layer): a frozen Linear saves nothing; a LoRA layer saves its input (a separate fp32 copy
+    per adapter when the compute dtype is bf16/fp16, because peft casts the input to the
+    adapter's dtype) and its rank-r intermediate; an int8 base layer saves its input; RMSNorm
+    saves an fp32 copy of its input plus rsqrt (LayerNorm: input, mean, rstd); SwiGLU saves
+    gate, silu(gate) and up (+ their product for a LoRA down_proj); GPT-2's tanh-GELU is
+    written in Python and saves 4 tensors of size ``i``; CPU dropout saves its noise in the
+    compute dtype (CUDA: a bool mask). Attention: fused SDPA (flash / memory-efficient, and
+    PyTorch's CPU flash kernel) saves q, k, v, the output and a fp32 logsumexp; eager attention
+    saves the softmax ``nh*T`` per token (fp32 + a compute-dtype copy for Llama, compute dtype
+    for GPT-2; + dropout), and contiguous copies of q and the repeated k/v; SDPA's math fallback
+    (used on CPU when attention dropout is on) saves the same in fp32 whatever the dtype. The first layer's input does not require grad (embeddings are
+    frozen) and the final norm saves its input. With activation checkpointing (non-reentrant)
+    only each layer's input is kept, and one layer is recomputed at a time during backward;
+    bitsandbytes' int8 matmul keeps its input as a ``ctx`` attribute, which checkpointing
+    cannot drop, so int8 layers' inputs stay alive anyway.
+logits
+    ``N*V`` logits in the compute dtype stay alive through backward; cross-entropy upcasts to
+    fp32 and its backward briefly holds three fp32 ``N*V`` tensors (log-softmax output, the
+    incoming gradient and the result): ``(c + 12) * N * V`` bytes, often the largest term for
+    small models with big vocabularies.
+phases
+    the peak is the largest of (A) the start of backward: persistent + saved activations +
+    logits/loss; (B) the last layer's backward (or a recomputed layer with checkpointing):
+    persistent + activations + logits + gradient temporaries of one layer + a dequantized
+    weight; (C) the optimizer step: persistent + gradients + optimizer temporaries.
+runtime and workspace
+    runtime = what the process holds before the model loads: on CPU the RSS of Python + torch +
+    transformers + peft + bitsandbytes imports (:data:`CPU_IMPORT_RSS_BYTES`, measured); on
+    Jetson that plus the CUDA context (profile data); on a discrete GPU only the context.
+    workspace = allocator and library overhead: on CPU a constant (:data:`CPU_WORKSPACE_BYTES`,
+    measured once on a held-out tiny model), on CUDA :data:`CUDA_FRAGMENTATION` of the
+    transient bytes (caching-allocator rounding and fragmentation; an assumption, not
+    measured here).
+
+Assumptions: packed training blocks without padding (so attention gets no mask and GQA runs
+without repeating k/v), peft LoRA with fp32 adapters, batch = micro-batch, the training loop of
+``algorithms.core.training`` (AdamW, ``zero_grad(set_to_none=True)``), no CPU offload. On CPU
+the plan is for live memory; glibc's dynamic mmap threshold can keep freed activations
+resident and add 30-60% to the peak RSS unless ``MALLOC_MMAP_THRESHOLD_`` is pinned (the bench
+measures with it pinned and reports the default too).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import DoesNotFit, ModelConfigError, WorkloadError
+from .profiles import GIB, MIB, QUANT_MODES, DeviceProfile, get_profile
+
+__all__ = [
+    "CPU_BLAS_POOL_FACTOR",
+    "CPU_IMPORT_RSS_BYTES",
+    "CPU_WORKSPACE_BYTES",
+    "CPU_WORKSPACE_REDUCED_PRECISION_EXTRA",
+    "CUDA_FRAGMENTATION",
+    "DEFAULT_APP_RESERVE_BYTES",
+    "DEFAULT_LORA_TARGETS",
+    "OPTIMIZERS",
+    "Linear",
+    "ModelShape",
+    "Plan",
+    "Workload",
+    "fmt_bytes",
+    "load_model_config",
+    "plan",
+    "recommend",
+    "require_fit",
+]
+
+# ------------------------------------------------------------------------------------------
+# constants (each measured or assumed once; none is fitted to the benchmark grid)
+
+#: RSS of a Python process after ``import torch, transformers, peft, bitsandbytes`` (torch 2.13
+#: CPU, transformers 5.23, peft 0.21, bitsandbytes 0.50, Python 3.11, x86-64 Linux), measured
+#: by bench/planner.py as its post-import baseline: 459-462 MiB over several runs with a warm
+#: page cache, ~400 MiB right after the page cache was dropped (fewer code pages mapped).
+#: Used as the runtime term on CPU and, as an assumption for aarch64, the host part on Jetson.
+CPU_IMPORT_RSS_BYTES = 460 * MIB
+#: Extra resident memory of a CPU training step beyond the tensors the model accounts for:
+#: library code paged in by the first forward/backward (~11 MiB of file-backed RSS), MKL's
+#: per-thread GEMM buffers, thread pools, the model's Python objects and the batch. Measured
+#: once with ``bench/planner.py --calibrate`` on a held-out model (llama-style, vocab 6144,
+#: hidden 160, 3 layers, MHA, batch 2 x 96; not part of the evaluated grids): 26.1 MiB in
+#: total (two runs: 26.5, 25.7) of which the MKL pool below accounts for 3.75 MiB. A tiny
+#: model (hidden 64) gives 16.2 MiB: MKL skips its packing buffers for very small GEMMs.
+CPU_WORKSPACE_BYTES = int(22.4 * MIB)
+#: Additional CPU workspace when the compute dtype is bf16/fp16: those GEMMs run through
+#: oneDNN, whose JIT kernels and primitive cache add code and scratch (same calibration, bf16
+#: load of the same model: 32.0 and 32.5 MiB in total, no MKL pool).
+CPU_WORKSPACE_REDUCED_PRECISION_EXTRA = int(9.9 * MIB)
+#: x86 CPUs: MKL's memory manager keeps the buffer it packs a GEMM's weight operand into, so
+#: after the first fp32 matmul with the LM head about one copy of the largest fp32 weight
+#: matrix stays resident (measured: retained RSS = weight size + ~3 MiB, gone with
+#: MKL_DISABLE_FAST_MM=1; bf16 GEMMs run through oneDNN and keep ~2 MiB). Modelled as
+#: ``CPU_BLAS_POOL_FACTOR`` x that matrix when the compute dtype is fp32.
+CPU_BLAS_POOL_FACTOR = 1.0
+#: CUDA caching allocator overhead as a fraction of the transient (activation/logit) bytes:
+#: block rounding and fragmentation; a typical figure, assumed (no GPU was available to measure).
+CUDA_FRAGMENTATION = 0.10
+#: Default memory kept back for the rest of the application (transport, data, other threads).
+DEFAULT_APP_RESERVE_BYTES = 256 * MIB
+
+DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+OPTIMIZERS = ("adamw", "adamw8bit", "sgd", "sgd_momentum")
+ATTENTION = ("auto", "sdpa", "eager")
+#: Mirrors ``algorithms.core.modeling.DEFAULT_LORA_TARGETS`` (this package may not import it).
+_LLAMA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+DEFAULT_LORA_TARGETS: dict[str, tuple[str, ...]] = {
+    "llama": _LLAMA_TARGETS,
+    "mistral": _LLAMA_TARGETS,
+    "qwen2": _LLAMA_TARGETS,
+    "qwen3": _LLAMA_TARGETS,
+    "gemma": _LLAMA_TARGETS,
+    "gemma2": _LLAMA_TARGETS,
+    "gpt2": ("c_attn", "c_proj", "c_fc"),
+}
+# precision ranking used by recommend(): higher is better
+_PRECISION = {"fp32": 4, "bf16": 3, "fp16": 3, "int8": 2, "nf4": 1}
+_NF4_BLOCK = 64
+_NF4_NESTED_BLOCK = 256
+_ADAM8_BLOCK = 256
+_ADAM8_MIN_SIZE = 4096
+
+
+def fmt_bytes(n: float) -> str:
+    """``1.23 GiB`` / ``456.7 MiB`` / ``12.0 KiB`` / ``5 B``."""
+    a = abs(n)
+    if a >= GIB:
+        return f"{n / GIB:.2f} GiB"
+    if a >= MIB:
+        return f"{n / MIB:.1f} MiB"
+    if a >= 1024:
+        return f"{n / 1024:.1f} KiB"
+    return f"{int(n)} B"
+
+
+# ------------------------------------------------------------------------------------------
+# model shape
+
+
+@dataclass(frozen=True)
+class Linear:
+    """One linear layer of a decoder block: ``name`` (the LoRA target name), sizes, bias."""
+
+    name: str
+    in_features: int
+    out_features: int
+    bias: bool = False
+
+    @property
+    def numel(self) -> int:
+        return self.in_features * self.out_features
+
+
+def _get(cfg: Mapping[str, Any], *keys: str, default: Any = None) -> Any:
+    for k in keys:
+        if k in cfg and cfg[k] is not None:
+            return cfg[k]
+    return default
+
+
+def _int(cfg: Mapping[str, Any], *keys: str, default: int | None = None) -> int:
+    v = _get(cfg, *keys, default=default)
+    if v is None:
+        raise ModelConfigError(f"model config lacks {' / '.join(keys)}")
+    if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+        raise ModelConfigError(
+            f"model config field {keys[0]} must be a positive integer, got {v!r}"
+        )
+    return v
+
+
+def load_model_config(source: str | Path | Mapping[str, Any]) -> dict[str, Any]:
+    """A model config as a dict: a mapping, a ``config.json`` path, a model directory, or a
+    JSON string."""
+    if isinstance(source, Mapping):
+        return dict(source)
+    if isinstance(source, str) and source.lstrip().startswith("{"):
+        try:
+            cfg = json.loads(source)
+        except ValueError as exc:
+            raise ModelConfigError(f"model config is not valid JSON: {exc}") from exc
+    else:
+        p = Path(source)
+        if p.is_dir():
+            p = p / "config.json"
+        try:
+            cfg = json.loads(p.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise ModelConfigError(f"cannot read model config {str(p)!r}: {exc}") from exc
+    if not isinstance(cfg, dict):
+        raise ModelConfigError("model config must be a JSON object")
+    return cfg
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """What the planner needs from a Hugging Face ``config.json``.
+
+    ``family`` is ``"llama"`` (Llama, Qwen2/3, Mistral, Gemma: RMSNorm, RoPE, SwiGLU-style
+    gated MLP, grouped-query attention) or ``"gpt2"`` (LayerNorm, learned positions, GELU MLP,
+    fused qkv ``Conv1D``).
+    """
+
+    family: str
+    model_type: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    tie_word_embeddings: bool
+    max_positions: int | None = None
+    qkv_bias: bool = False
+    o_bias: bool = False
+    mlp_bias: bool = False
+    qk_norm: bool = False
+    activation: str = "silu"
+    attn_dropout: float = 0.0
+    resid_dropout: float = 0.0
+    embd_dropout: float = 0.0
+    name: str = ""
+    notes: tuple[str, ...] = ()
+
+    @classmethod
+    def from_config(cls, source: str | Path | Mapping[str, Any]) -> ModelShape:
+        cfg = load_model_config(source)
+        mt = str(cfg.get("model_type", "") or "")
+        # some configs nest the text model (e.g. multimodal wrappers)
+        if "text_config" in cfg and "hidden_size" not in cfg and "n_embd" not in cfg:
+            cfg = dict(cfg["text_config"])
+            mt = str(cfg.get("model_type", mt) or mt)
+        name = str(cfg.get("_name_or_path") or (cfg.get("architectures") or [mt])[0] or mt)
+        notes: list[str] = []
+        if mt == "gpt2" or ("n_embd" in cfg and "n_layer" in cfg):
+            h = _int(cfg, "n_embd", "hidden_size")
+            heads = _int(cfg, "n_head", "num_attention_heads")
+            if h % heads:
+                raise ModelConfigError(f"n_embd {h} is not divisible by n_head {heads}")
+            return cls(
+                family="gpt2",
+                model_type=mt or "gpt2",
+                vocab_size=_int(cfg, "vocab_size"),
+                hidden_size=h,
+                intermediate_size=_int(cfg, "n_inner", default=4 * h),
+                num_layers=_int(cfg, "n_layer", "num_hidden_layers"),
+                num_heads=heads,
+                num_kv_heads=heads,
+                head_dim=h // heads,
+                tie_word_embeddings=bool(cfg.get("tie_word_embeddings", True)),
+                max_positions=_int(cfg, "n_positions", "max_position_embeddings", default=1024),
+                qkv_bias=True,
+                o_bias=True,
+                mlp_bias=True,
+                activation=str(cfg.get("activation_function", "gelu_new")),
+                attn_dropout=float(cfg.get("attn_pdrop", 0.1)),
+                resid_dropout=float(cfg.get("resid_pdrop", 0.1)),
+                embd_dropout=float(cfg.get("embd_pdrop", 0.1)),
+                name=name,
+            )
+        if "hidden_size" not in cfg or "num_hidden_layers" not in cfg:
+            raise ModelConfigError(
+                f"unsupported model config (model_type {mt!r}): the planner understands "
+                "llama/qwen2/mistral-style configs (hidden_size, intermediate_size, "
+                "num_hidden_layers, num_attention_heads) and gpt2-style ones (n_embd, n_layer)"
+            )
+        if mt not in DEFAULT_LORA_TARGETS:
+            notes.append(f"model_type {mt!r} treated as a llama-style decoder")
+        h = _int(cfg, "hidden_size")
+        heads = _int(cfg, "num_attention_heads")
+        kv = _int(cfg, "num_key_value_heads", default=heads)
+        if heads % kv:
+            raise ModelConfigError(f"num_attention_heads {heads} not divisible by kv heads {kv}")
+        head_dim = _get(cfg, "head_dim")
+        if head_dim is None:
+            if h % heads:
+                raise ModelConfigError(f"hidden_size {h} not divisible by {heads} heads")
+            head_dim = h // heads
+        attention_bias = bool(cfg.get("attention_bias", False))
+        qkv_bias = True if mt == "qwen2" else attention_bias
+        return cls(
+            family="llama",
+            model_type=mt or "llama",
+            vocab_size=_int(cfg, "vocab_size"),
+            hidden_size=h,
+            intermediate_size=_int(cfg, "intermediate_size"),
+            num_layers=_int(cfg, "num_hidden_layers"),
+            num_heads=heads,
+            num_kv_heads=kv,
+            head_dim=int(head_dim),
+            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", mt in ("gemma", "gemma2"))),
+            max_positions=_get(cfg, "max_position_embeddings"),
+            qkv_bias=qkv_bias,
+            o_bias=attention_bias,
+            mlp_bias=bool(cfg.get("mlp_bias", False)),
+            qk_norm=mt == "qwen3",
+            activation=str(cfg.get("hidden_act", cfg.get("hidden_activation", "silu"))),
+            attn_dropout=float(cfg.get("attention_dropout", 0.0) or 0.0),
+            name=name,
+            notes=tuple(notes),
+        )
+
+    # -- parameters ------------------------------------------------------------------------
+    def linears(self) -> list[Linear]:
+        """The linear layers of ONE decoder layer (names are LoRA target names)."""
+        h, i = self.hidden_size, self.intermediate_size
+        if self.family == "gpt2":
+            return [
+                Linear("c_attn", h, 3 * h, True),
+                Linear("c_proj", h, h, True),  # attention output
+                Linear("c_fc", h, i, True),
+                Linear("c_proj", i, h, True),  # MLP output (same module name)
+            ]
+        q, kv = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        return [
+            Linear("q_proj", h, q, self.qkv_bias),
+            Linear("k_proj", h, kv, self.qkv_bias),
+            Linear("v_proj", h, kv, self.qkv_bias),
+            Linear("o_proj", q, h, self.o_bias),
+            Linear("gate_proj", h, i, self.mlp_bias),
+            Linear("up_proj", h, i, self.mlp_bias),
+            Linear("down_proj", i, h, self.mlp_bias),
+        ]
+
+    def target_names(self) -> tuple[str, ...]:
+        return tuple(dict.fromkeys(lin.name for lin in self.linears()))
+
+    @property
+    def embedding_params(self) -> int:
+        n = self.vocab_size * self.hidden_size
+        if self.family == "gpt2":
+            n += (self.max_positions or 1024) * self.hidden_size
+        return n
+
+    @property
+    def lm_head_params(self) -> int:
+        return 0 if self.tie_word_embeddings else self.vocab_size * self.hidden_size
+
+    @property
+    def norm_params(self) -> int:
+        per = self.hidden_size * (2 if self.family == "gpt2" else 1)  # LayerNorm has a bias
+        extra = 2 * self.head_dim * self.num_layers if self.qk_norm else 0
+        return per * (2 * self.num_layers + 1) + extra
+
+    @property
+    def linear_params(self) -> int:
+        return self.num_layers * sum(lin.numel for lin in self.linears())
+
+    @property
+    def bias_params(self) -> int:
+        return self.num_layers * sum(lin.out_features for lin in self.linears() if lin.bias)
+
+    @property
+    def num_params(self) -> int:
+        return (
+            self.embedding_params
+            + self.lm_head_params
+            + self.norm_params
+            + self.linear_params
+            + self.bias_params
+        )
+
+    def summary(self) -> str:
+        return (
+            f"{self.name or self.model_type} ({self.model_type}, {self.num_params / 1e6:.1f}M "
+            f"params: vocab {self.vocab_size}, hidden {self.hidden_size}, intermediate "
+            f"{self.intermediate_size}, {self.num_layers} layers, {self.num_heads} heads / "
+            f"{self.num_kv_heads} kv, {'tied' if self.tie_word_embeddings else 'untied'} "
+            "embeddings)"
+        )
+
+
+# ------------------------------------------------------------------------------------------
+# workload
+
+
+@dataclass(frozen=True)
+class Workload:
+    """What to run. ``lora_rank=None`` means full fine-tuning (plain dtypes only).
+
+    ``mode``: ``"train"`` or ``"infer"`` (then ``seq_len`` is the whole context, prompt plus
+    generated tokens, kept in the KV cache). ``compute_dtype`` defaults to what
+    ``load_causal_lm`` picks on the device. ``attention``: ``auto`` (fused SDPA, except the
+    math fallback on CPU when the model has attention dropout), ``sdpa`` or ``eager``.
+    """
+
+    quant: str = "nf4"
+    lora_rank: int | None = 8
+    batch_size: int = 1
+    seq_len: int = 256
+    gradient_checkpointing: bool = False
+    optimizer: str = "adamw"
+    lora_targets: tuple[str, ...] | None = None
+    lora_dropout: float = 0.0
+    double_quant: bool = True
+    attention: str = "auto"
+    compute_dtype: str | None = None
+    mode: str = "train"
+
+    def __post_init__(self) -> None:
+        errs = []
+        if self.quant not in QUANT_MODES:
+            errs.append(f"quant must be one of {list(QUANT_MODES)}, got {self.quant!r}")
+        if self.lora_rank is not None and (
+            isinstance(self.lora_rank, bool)
+            or not isinstance(self.lora_rank, int)
+            or self.lora_rank < 1
+        ):
+            errs.append(f"lora_rank must be a positive integer or None, got {self.lora_rank!r}")
+        if self.lora_rank is None and self.quant in ("nf4", "int8") and self.mode == "train":
+            errs.append("full fine-tuning (lora_rank=None) needs bf16/fp16/fp32 weights")
+        for name in ("batch_size", "seq_len"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                errs.append(f"{name} must be an integer >= 1, got {v!r}")
+        if isinstance(self.seq_len, int) and self.seq_len < 2 and self.mode == "train":
+            errs.append("seq_len must be >= 2 for training")
+        if self.optimizer not in OPTIMIZERS:
+            errs.append(f"optimizer must be one of {list(OPTIMIZERS)}, got {self.optimizer!r}")
+        if self.attention not in ATTENTION:
+            errs.append(f"attention must be one of {list(ATTENTION)}, got {self.attention!r}")
+        if self.compute_dtype is not None and self.compute_dtype not in DTYPE_BYTES:
+            errs.append(f"compute_dtype must be one of {list(DTYPE_BYTES)} or None")
+        if self.mode not in ("train", "infer"):
+            errs.append(f"mode must be 'train' or 'infer', got {self.mode!r}")
+        if not isinstance(self.lora_dropout, (int, float)) or not 0 <= self.lora_dropout < 1:
+            errs.append(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
+        if self.lora_targets is not None:
+            if isinstance(self.lora_targets, str) or not all(
+                isinstance(t, str) and t for t in self.lora_targets
+            ):
+                errs.append(
+                    f"lora_targets must be a list of module names, got {self.lora_targets!r}"
+                )
+            elif not self.lora_targets:
+                errs.append("lora_targets is empty; pass None for the architecture's defaults")
+            else:
+                object.__setattr__(self, "lora_targets", tuple(self.lora_targets))
+        if errs:
+            raise WorkloadError("invalid workload: " + "; ".join(errs))
+
+    def describe(self) -> str:
+        if self.mode == "infer":
+            return f"inference {self.quant}, batch {self.batch_size}, context {self.seq_len}"
+        lora = f"LoRA r={self.lora_rank}" if self.lora_rank else "full fine-tuning"
+        ck = ", checkpointing" if self.gradient_checkpointing else ""
+        return (
+            f"{self.quant} {lora}, batch {self.batch_size} x seq {self.seq_len}{ck}, "
+            f"{self.optimizer}"
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["lora_targets"] = list(self.lora_targets) if self.lora_targets else None
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> Workload:
+        unknown = set(d) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise WorkloadError(f"unknown workload fields {sorted(unknown)}")
+        d = dict(d)
+        if d.get("lora_targets") is not None:
+            d["lora_targets"] = tuple(d["lora_targets"])
+        return cls(**d)
+
+
+# ------------------------------------------------------------------------------------------
+# plan
+
+
+@dataclass
+class Plan:
+    """A memory prediction. ``breakdown`` lists the terms present at the peak phase (they sum
+    to ``total_bytes``); ``phases`` the total of every phase considered; ``details`` the
+    intermediate numbers (parameter counts, per-token bytes, terms that are not at the peak).
+    """
+
+    device: str
+    model: str
+    workload: Workload
+    breakdown: dict[str, int]
+    total_bytes: int
+    available_bytes: int
+    peak_phase: str
+    phases: dict[str, int] = field(default_factory=dict)
+    details: dict[str, Any] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def fits(self) -> bool:
+        return self.total_bytes <= self.available_bytes
+
+    @property
+    def headroom_bytes(self) -> int:
+        """``available - total`` (negative when it does not fit)."""
+        return self.available_bytes - self.total_bytes
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "device": self.device,
+            "model": self.model,
+            "workload": self.workload.to_dict(),
+            "breakdown": dict(self.breakdown),
+            "total_bytes": self.total_bytes,
+            "available_bytes": self.available_bytes,
+            "fits": self.fits,
+            "headroom_bytes": self.headroom_bytes,
+            "peak_phase": self.peak_phase,
+            "phases": dict(self.phases),
+            "details": self.details,
+            "notes": list(self.notes),
+        }
+
+    def explain(self) -> str:
+        """A few lines: the job, each term with its bytes and share, the verdict."""
+        w = self.workload
+        lines = [f"{self.model}", f"on {self.device}: {w.describe()}"]
+        lines.append(f"peak phase: {_PHASE_TEXT.get(self.peak_phase, self.peak_phase)}")
+        width = max(len(k) for k in self.breakdown) if self.breakdown else 10
+        for k, v in self.breakdown.items():
+            if not v:
+                continue
+            share = v / self.total_bytes if self.total_bytes else 0.0
+            why = self.details.get("why", {}).get(k, "")
+            lines.append(f"  {k:<{width}} {fmt_bytes(v):>11} {share:6.1%}  {why}")
+        lines.append(f"  {'total':<{width}} {fmt_bytes(self.total_bytes):>11}")
+        for k, v in self.details.get("off_peak", {}).items():
+            lines.append(f"  (not at the peak: {k} {fmt_bytes(v)})")
+        if len(self.phases) > 1:
+            lines.append(
+                "  phases: " + ", ".join(f"{k} {fmt_bytes(v)}" for k, v in self.phases.items())
+            )
+        verdict = (
+            f"FITS: {fmt_bytes(self.total_bytes)} of {fmt_bytes(self.available_bytes)} "
+            f"available, headroom {fmt_bytes(self.headroom_bytes)}"
+            if self.fits
+            else f"DOES NOT FIT: needs {fmt_bytes(self.total_bytes)}, "
+            f"{fmt_bytes(self.available_bytes)} available, short by "
+            f"{fmt_bytes(-self.headroom_bytes)}"
+        )
+        lines.append(verdict)
+        lines += [f"note: {n}" for n in self.notes]
+        return "\n".join(lines)
+
+
+_PHASE_TEXT = {
+    "loss_backward": "start of backward (all saved activations + logits/loss gradients)",
+    "layer_backward": "backward through the last layer (activations + logits + one layer's "
+    "gradient temporaries)",
+    "recompute_backward": "backward through a recomputed layer (checkpoints + logits + one "
+    "layer's activations and gradients)",
+    "optimizer_step": "optimizer step (gradients + optimizer temporaries)",
+    "inference": "prefill of the prompt (weights + KV cache + one layer's activations)",
+}
+
+
+# ------------------------------------------------------------------------------------------
+# the model of memory
+
+
+@dataclass(frozen=True)
+class _Ctx:
+    shape: ModelShape
+    w: Workload
+    c: int  # compute dtype bytes
+    compute: str
+    lora_b: int  # adapter dtype bytes (peft keeps fp32)
+    targets: frozenset[str]
+    full_ft: bool
+    int8: bool
+    fused_attention: bool
+    math_attention: bool  # SDPA's math fallback: computes in fp32 even for bf16/fp16 inputs
+    mask_b: int  # bytes per element of a saved dropout mask/noise
+    on_cuda: bool
+
+
+def _input_saves(ctx: _Ctx, names: Iterable[str], width: int) -> tuple[int, int]:
+    """``(shared, copies)`` bytes per token saved for the input (``width`` wide) of the
+    linear layers ``names`` that read the same tensor."""
+    shared = False
+    copies = 0
+    for name in names:
+        if ctx.full_ft or ctx.int8:
+            shared = True  # weight grad (full FT) / bitsandbytes int8 ctx keep the input
+        if name in ctx.targets:
+            if ctx.w.lora_dropout > 0:
+                # peft: cast to the adapter dtype, then dropout -> output + noise/mask saved
+                copies += width * ctx.lora_b + width * (ctx.lora_b if not ctx.on_cuda else 1)
+            elif ctx.lora_b != ctx.c:
+                copies += width * ctx.lora_b  # a separate cast copy per adapter
+            else:
+                shared = True
+    return (width * ctx.c if shared else 0), copies
+
+
+def _lora_intermediate(ctx: _Ctx, names: Iterable[str]) -> int:
+    r = ctx.w.lora_rank or 0
+    return sum(r * ctx.lora_b for n in names if n in ctx.targets)
+
+
+def _layer_saved(ctx: _Ctx, T: int) -> dict[str, int]:
+    """Bytes per token that one decoder layer (whose input requires grad) saves for backward."""
+    s, c = ctx.shape, ctx.c
+    h, i, nh = s.hidden_size, s.intermediate_size, s.num_heads
+    q_w, kv_w = s.num_heads * s.head_dim, s.num_kv_heads * s.head_dim
+    out: dict[str, int] = {}
+    names = [lin.name for lin in s.linears()]
+    out["lora_rank_r"] = _lora_intermediate(ctx, names)
+    if s.family == "llama":
+        norm = h * 4 + 4  # RMSNorm: fp32 input (copy when c != fp32) + rsqrt
+        if ctx.full_ft:
+            norm += h * c  # normalized tensor for the norm weight's grad
+        out["norms"] = 2 * norm
+        sh, cp = _input_saves(ctx, ("q_proj", "k_proj", "v_proj"), h)
+        out["qkv_input"] = sh + cp
+        if s.qk_norm:
+            out["qk_norm"] = (q_w + kv_w) * 4 + (nh + s.num_kv_heads) * 4
+        if ctx.fused_attention:
+            out["attention"] = (2 * q_w + 2 * kv_w) * c + nh * 4  # q k v out + logsumexp
+            sh, cp = _input_saves(ctx, ("o_proj",), q_w)
+            out["o_input"] = cp  # the shared input is SDPA's saved output
+        elif ctx.math_attention:  # everything in fp32: q k v copies, softmax, dropout
+            t2 = nh * T * 4 + (nh * T * 8 if s.attn_dropout > 0 else 0)
+            out["attention_scores"] = t2
+            out["attention"] = 3 * q_w * 4
+            sh, cp = _input_saves(ctx, ("o_proj",), q_w)
+            out["o_input"] = sh + cp
+        else:
+            t2 = nh * T * 4 + (nh * T * c if c != 4 else 0)  # fp32 softmax (+ cast copy)
+            if s.attn_dropout > 0:
+                t2 += nh * T * (ctx.mask_b + c)
+            out["attention_scores"] = t2
+            out["attention"] = 3 * q_w * c  # q copy, repeated k and v copies
+            sh, cp = _input_saves(ctx, ("o_proj",), q_w)
+            out["o_input"] = sh + cp
+        sh, cp = _input_saves(ctx, ("gate_proj", "up_proj"), h)
+        out["mlp_input"] = sh + cp
+        act_saved = 1 if s.activation != "gelu_new" else 4
+        out["mlp"] = (act_saved + 2) * i * c  # act input (+ internals), act output, up
+        sh, cp = _input_saves(ctx, ("down_proj",), i)
+        out["down_input"] = sh + cp
+    else:  # gpt2
+        ln = h * c + 8  # LayerNorm: input + fp32 mean/rstd
+        out["norms"] = 2 * ln
+        sh, cp = _input_saves(ctx, ("c_attn",), h)
+        out["qkv_input"] = sh + cp
+        if ctx.fused_attention:
+            out["attention"] = 4 * h * c + nh * 4
+            sh, cp = _input_saves(ctx, ("c_proj",), h)
+            out["o_input"] = cp
+        elif ctx.math_attention:  # everything in fp32: q k v copies, softmax, dropout
+            out["attention_scores"] = nh * T * 4 + (nh * T * 8 if s.attn_dropout > 0 else 0)
+            out["attention"] = 3 * h * 4
+            sh, cp = _input_saves(ctx, ("c_proj",), h)
+            out["o_input"] = sh + cp
+        else:
+            t2 = nh * T * c  # GPT-2's eager softmax stays in the compute dtype
+            if s.attn_dropout > 0:
+                t2 += nh * T * (ctx.mask_b + c)
+            out["attention_scores"] = t2
+            out["attention"] = 3 * h * c  # q, k, v contiguous copies
+            sh, cp = _input_saves(ctx, ("c_proj",), h)
+            out["o_input"] = sh + cp
+        sh, cp = _input_saves(ctx, ("c_fc",), h)
+        out["mlp_input"] = sh + cp
+        act_saved = 4 if s.activation == "gelu_new" else 1
+        out["mlp"] = act_saved * i * c
+        sh, cp = _input_saves(ctx, ("c_proj",), i)
+        out["down_input"] = sh + cp
+        if s.resid_dropout > 0:
+            out["dropout"] = 2 * h * ctx.mask_b
+    return out
+
+
+def _layer_backward_transient(ctx: _Ctx, T: int) -> int:
+    """Bytes per token of gradient temporaries alive inside one layer's backward (estimate:
+    the MLP's three intermediate-size gradients, or attention's score gradients)."""
+    s, c = ctx.shape, ctx.c
+    i, nh = s.intermediate_size, s.num_heads
+    mlp = 3 * i * c + (i * 4 if ctx.lora_b != c else 0)
+    if ctx.fused_attention:
+        attn = (2 * s.num_heads * s.head_dim + 2 * s.num_kv_heads * s.head_dim) * max(c, 4)
+    else:
+        attn = 2 * nh * T * 4
+    return max(mlp, attn)
+
+
+def _quantized_linear_bytes(lin: Linear, quant: str, double_quant: bool) -> int:
+    n = lin.numel
+    if quant == "nf4":
+        blocks = -(-n // _NF4_BLOCK)
+        b = -(-n // 2) + 16 * 4  # packed nibbles + the 16-value nf4 code
+        if double_quant:
+            b += blocks + (-(-blocks // _NF4_NESTED_BLOCK)) * 4 + 256 * 4 + 4
+        else:
+            b += blocks * 4
+        return b
+    if quant == "int8":
+        return n + lin.out_features * 4
+    raise AssertionError(quant)
+
+
+def _optimizer_bytes(optimizer: str, tensors: list[tuple[int, int]]) -> int:
+    """Optimizer state bytes for trainable tensors given as ``(numel, dtype_bytes)``."""
+    total = 0
+    for n, b in tensors:
+        if optimizer == "adamw":
+            total += 2 * n * b
+        elif optimizer == "adamw8bit":
+            if n >= _ADAM8_MIN_SIZE:
+                total += 2 * n + 2 * (-(-n // _ADAM8_BLOCK)) * 4 + 2 * 256 * 4
+            else:
+                total += 2 * n * 4
+        elif optimizer == "sgd_momentum":
+            total += n * b
+    return total
+
+
+def _resolve_attention(w: Workload, shape: ModelShape, profile: DeviceProfile) -> str:
+    """``fused`` (flash / memory-efficient SDPA: no T x T scores saved), ``eager`` (the
+    model's own attention code) or ``math`` (SDPA's math fallback, which PyTorch uses on CPU
+    when attention dropout is on; it computes in fp32 whatever the input dtype)."""
+    if w.attention == "eager":
+        return "eager"
+    if profile.accelerator != "cuda" and shape.attn_dropout > 0:
+        return "math"
+    return "fused"
+
+
+def _resolve(model_config: Any) -> ModelShape:
+    if isinstance(model_config, ModelShape):
+        return model_config
+    return ModelShape.from_config(model_config)
+
+
+def plan(
+    model_config: str | Path | Mapping[str, Any] | ModelShape,
+    device_profile: DeviceProfile | str,
+    workload: Workload | None = None,
+    *,
+    app_reserve_bytes: int = DEFAULT_APP_RESERVE_BYTES,
+) -> Plan:
+    """Predict peak memory of ``workload`` (default: nf4 LoRA r=8, batch 1, seq 256) for the
+    model of ``model_config`` (HF ``config.json`` dict, path, model directory or JSON string)
+    on ``device_profile`` (a profile or its id). Never raises for a job that does not fit:
+    check :attr:`Plan.fits` or call :func:`require_fit`."""
+    shape = _resolve(model_config)
+    profile = get_profile(device_profile) if isinstance(device_profile, str) else device_profile
+    w = workload or Workload()
+    notes = list(shape.notes)
+    compute = w.compute_dtype or profile.compute_dtype(w.quant)
+    c = DTYPE_BYTES[compute]
+    on_cuda = profile.accelerator == "cuda"
+    if w.quant == "bf16" and not profile.bf16:
+        notes.append(f"{profile.id} has no bf16; this load would fail or be emulated")
+    if w.quant in ("nf4", "int8") and not profile.bitsandbytes_usable:
+        notes.append(
+            f"bitsandbytes is not usable on {profile.id}; load_causal_lm would fall back to "
+            f"{profile.default_quant()} weights"
+        )
+    if w.mode == "train" and not profile.training_supported:
+        notes.append(f"training is not supported on {profile.id}: {profile.training_note}")
+    if shape.max_positions and w.seq_len > shape.max_positions:
+        msg = (
+            f"seq_len {w.seq_len} exceeds the model's max_position_embeddings {shape.max_positions}"
+        )
+        if shape.family == "gpt2":
+            raise WorkloadError(msg)
+        notes.append(msg)
+
+    # -- weights ---------------------------------------------------------------------------
+    lin = shape.linears()
+    L = shape.num_layers
+    quantized = w.quant in ("nf4", "int8")
+    weight_dtype_b = c if quantized else DTYPE_BYTES[w.quant]
+    other_params = shape.embedding_params + shape.lm_head_params + shape.norm_params
+    if quantized:
+        linear_b = L * sum(_quantized_linear_bytes(x, w.quant, w.double_quant) for x in lin)
+        bias_b = shape.bias_params * c
+        dequant = max(x.numel for x in lin) * c + max(x.numel for x in lin) // _NF4_BLOCK * 4
+    else:
+        linear_b = shape.linear_params * weight_dtype_b
+        bias_b = shape.bias_params * weight_dtype_b
+        dequant = 0
+    weights = linear_b + bias_b + other_params * weight_dtype_b
+
+    # -- LoRA, gradients, optimizer -----------------------------------------------------------
+    full_ft = w.lora_rank is None and w.mode == "train"
+    valid = shape.target_names()
+    if w.lora_targets is not None:
+        bad = [t for t in w.lora_targets if t not in valid]
+        if bad:
+            raise WorkloadError(
+                f"LoRA target(s) {bad} are not linear layers of this {shape.model_type}; "
+                f"it has {list(valid)}"
+            )
+        targets = frozenset(w.lora_targets)
+    else:
+        targets = frozenset(DEFAULT_LORA_TARGETS.get(shape.model_type, valid))
+    lora_b = 4
+    trainable: list[tuple[int, int]] = []
+    if not full_ft and w.lora_rank:  # the adapter (also held for inference)
+        r = int(w.lora_rank)
+        for x in lin:
+            if x.name in targets:
+                trainable += [(r * x.in_features, lora_b), (x.out_features * r, lora_b)] * L
+    elif full_ft:
+        trainable = [(x.numel, weight_dtype_b) for x in lin] * L
+        trainable += [(shape.vocab_size * shape.hidden_size, weight_dtype_b)]
+        if shape.lm_head_params:
+            trainable += [(shape.lm_head_params, weight_dtype_b)]
+        rest = (
+            shape.norm_params
+            + shape.bias_params
+            + (shape.embedding_params - shape.vocab_size * shape.hidden_size)
+        )
+        trainable += [(rest, weight_dtype_b)]
+    trainable_b = sum(n * b for n, b in trainable)
+    lora = trainable_b if not full_ft else 0
+    grads = trainable_b if w.mode == "train" else 0
+    optim = _optimizer_bytes(w.optimizer, trainable) if w.mode == "train" else 0
+    largest_trainable = max((n * b for n, b in trainable), default=0)
+
+    # -- runtime ----------------------------------------------------------------------------
+    if on_cuda:
+        runtime = profile.cuda_context_bytes + (
+            CPU_IMPORT_RSS_BYTES if profile.unified_memory else 0
+        )
+    else:
+        runtime = CPU_IMPORT_RSS_BYTES
+    why = {
+        "runtime": (
+            "Python+torch imports + CUDA context"
+            if on_cuda and profile.unified_memory
+            else "CUDA context"
+            if on_cuda
+            else "Python + torch/transformers/peft imports (RSS)"
+        ),
+    }
+
+    B, T = w.batch_size, w.seq_len
+    N = B * T
+    details: dict[str, Any] = {
+        "params": shape.num_params,
+        "quantized_linear_params": shape.linear_params if quantized else 0,
+        "trainable_params": sum(n for n, _ in trainable),
+        "compute_dtype": compute,
+        "tokens_per_step": N,
+        "lora_targets": sorted(targets) if not full_ft else "all (full fine-tuning)",
+    }
+    largest_matrix = max(shape.vocab_size * shape.hidden_size, max(x.numel for x in lin))
+    blas_pool = int(CPU_BLAS_POOL_FACTOR * largest_matrix * 4) if not on_cuda and c == 4 else 0
+    details["cpu_blas_pool_bytes"] = blas_pool
+    cpu_workspace = CPU_WORKSPACE_BYTES + blas_pool
+    if c != 4:
+        cpu_workspace += CPU_WORKSPACE_REDUCED_PRECISION_EXTRA
+
+    if w.mode == "infer":
+        kv_w = (
+            (2 * shape.hidden_size)
+            if shape.family == "gpt2"
+            else 2 * shape.num_kv_heads * shape.head_dim
+        )
+        kv_cache = L * kv_w * N * c
+        fused = _resolve_attention(w, shape, profile) == "fused"
+        per_tok = 2 * shape.hidden_size * c + 3 * shape.intermediate_size * c
+        scores = 0 if fused else B * shape.num_heads * T * T * 4 * 2
+        act = per_tok * N + scores + dequant
+        logits = B * shape.vocab_size * 4 * 2  # last position only, fp32 + sampling copy
+        workspace = int(CUDA_FRAGMENTATION * (act + kv_cache)) if on_cuda else cpu_workspace
+        breakdown = {
+            "runtime": runtime,
+            "weights": weights,
+            "lora": lora,
+            "kv_cache": kv_cache,
+            "activations": act,
+            "logits": logits,
+            "workspace": workspace,
+        }
+        why.update(
+            weights=f"{w.quant} weights",
+            lora="LoRA adapter (fp32)" if lora else "",
+            kv_cache=f"{L} layers x {kv_w} values x {N} tokens x {c} B",
+            activations="one layer's prefill temporaries",
+            logits="last-position logits",
+            workspace="allocator/library overhead",
+        )
+        details["why"] = why
+        total = sum(breakdown.values())
+        return Plan(
+            device=profile.id,
+            model=shape.summary(),
+            workload=w,
+            breakdown=breakdown,
+            total_bytes=total,
+            available_bytes=profile.available_bytes(app_reserve_bytes),
+            peak_phase="inference",
+            phases={"inference": total},
+            details=details,
+            notes=notes,
+        )
+
+    # -- activations --------------------------------------------------------------------------
+    attn_kind = _resolve_attention(w, shape, profile)
+    ctx = _Ctx(
+        shape=shape,
+        w=w,
+        c=c,
+        compute=compute,
+        lora_b=lora_b,
+        targets=targets if not full_ft else frozenset(),
+        full_ft=full_ft,
+        int8=w.quant == "int8",
+        fused_attention=attn_kind == "fused",
+        math_attention=attn_kind == "math",
+        mask_b=c if not on_cuda else 1,
+        on_cuda=on_cuda,
+    )
+    per_layer = _layer_saved(ctx, T)
+    layer_tok = sum(per_layer.values())
+    if shape.family == "llama":
+        first_in = shape.hidden_size * 4 + 4  # layer 0's norm input does not require grad
+        final_norm = shape.hidden_size * 4 + 4
+        rope = 2 * T * shape.head_dim * c  # cos/sin, shared by all layers
+    else:
+        first_in = shape.hidden_size * c + 8
+        final_norm = shape.hidden_size * c + 8
+        rope = 0
+    if full_ft:
+        final_norm += 2 * shape.hidden_size * c  # norm weight grad + lm_head input
+    ckpt = w.gradient_checkpointing
+    if ckpt:
+        ckpt_tok = L * shape.hidden_size * c + final_norm
+        if ctx.int8:
+            # bitsandbytes' int8 matmul keeps its input as ``ctx.A`` (an attribute, not a saved
+            # tensor), which non-reentrant checkpointing cannot drop: the inputs of every
+            # int8 layer stay alive (attention input, attention output, MLP input, MLP act)
+            q_w = shape.num_heads * shape.head_dim
+            ckpt_tok += L * (2 * shape.hidden_size + q_w + shape.intermediate_size) * c
+        if shape.family == "gpt2" and shape.embd_dropout > 0:
+            ckpt_tok += shape.hidden_size * ctx.mask_b
+        saved = ckpt_tok * N + rope
+    else:
+        saved_tok = L * layer_tok - (0 if full_ft else first_in) + final_norm
+        saved = saved_tok * N + rope
+    details["activation_bytes_per_token_per_layer"] = layer_tok
+    details["activation_terms_per_token_per_layer"] = per_layer
+    details["attention"] = {
+        "fused": "fused SDPA (no T x T scores saved)",
+        "eager": "eager (T x T scores saved)",
+        "math": "SDPA math fallback (T x T scores saved, in fp32)",
+    }[attn_kind]
+
+    # -- logits and loss ----------------------------------------------------------------------
+    V = shape.vocab_size
+    logits_c = N * V * c
+    loss_extra = 12 * B * (T - 1) * V  # fp32 log-softmax output + its incoming and outgoing grads
+
+    # -- phases -------------------------------------------------------------------------------
+    layer_bwd = _layer_backward_transient(ctx, T) * N + dequant
+    lm_grad = (
+        shape.vocab_size * shape.hidden_size * weight_dtype_b if full_ft else 0
+    )  # LM-head weight grad, produced right after the loss
+    dynamic_common = {"weights": weights, "lora": lora, "optimizer": optim}
+    phases: dict[str, dict[str, int]] = {}
+    phases["loss_backward"] = {
+        **dynamic_common,
+        "gradients": 0,
+        "activations": saved,
+        "logits": logits_c + loss_extra,
+        "transient": 0,
+    }
+    if ckpt:
+        phases["recompute_backward"] = {
+            **dynamic_common,
+            "gradients": grads if not full_ft else lm_grad,
+            "activations": saved + layer_tok * N,
+            "logits": logits_c,
+            "transient": layer_bwd,
+        }
+    else:
+        phases["layer_backward"] = {
+            **dynamic_common,
+            "gradients": grads if not full_ft else lm_grad,
+            "activations": saved,
+            "logits": logits_c,
+            "transient": layer_bwd,
+        }
+    phases["optimizer_step"] = {
+        **dynamic_common,
+        "gradients": grads,
+        "activations": 0,
+        "logits": 0,
+        "transient": 2 * largest_trainable,
+    }
+
+    def finish(terms: dict[str, int]) -> dict[str, int]:
+        transient = terms["activations"] + terms["logits"] + terms["transient"]
+        ws = int(CUDA_FRAGMENTATION * transient) if on_cuda else cpu_workspace
+        return {
+            "runtime": runtime,
+            "weights": terms["weights"],
+            "lora": terms["lora"],
+            "gradients": terms["gradients"],
+            "optimizer": terms["optimizer"],
+            "activations": terms["activations"],
+            "logits": terms["logits"],
+            "transient": terms["transient"],
+            "workspace": ws,
+        }
+
+    full = {name: finish(t) for name, t in phases.items()}
+    totals = {name: sum(b.values()) for name, b in full.items()}
+    peak = max(totals, key=lambda k: totals[k])
+    breakdown = full[peak]
+    off_peak = {}
+    if breakdown["gradients"] < grads:
+        off_peak["gradients"] = grads
+    if peak == "optimizer_step":
+        off_peak["activations"] = saved
+        off_peak["logits"] = logits_c + loss_extra
+
+    why.update(
+        weights=(
+            f"{w.quant} linear layers"
+            + (" (double-quantized scales)" if w.quant == "nf4" and w.double_quant else "")
+            + f" + embeddings/norms in {compute}"
+            if quantized
+            else f"all {shape.num_params / 1e6:.1f}M params in {w.quant}"
+        ),
+        lora=f"{details['trainable_params']:,} fp32 adapter params" if not full_ft else "",
+        gradients="of the trainable params",
+        optimizer=f"{w.optimizer} states",
+        activations=(
+            f"checkpoints: {L} layer inputs x {N} tokens"
+            + (" + one recomputed layer" if peak == "recompute_backward" else "")
+            if ckpt
+            else f"{L} layers x {N} tokens x {fmt_bytes(layer_tok)}/token/layer saved for backward"
+        ),
+        logits=(
+            f"{N} x {V} logits in {compute} + fp32 log-softmax and its gradients"
+            if peak == "loss_backward"
+            else f"{N} x {V} logits in {compute}"
+        ),
+        transient=(
+            "optimizer-step temporaries (2 x the largest trainable tensor)"
+            if peak == "optimizer_step"
+            else "one layer's gradient temporaries" + (" + a dequantized weight" if dequant else "")
+        ),
+        workspace=(
+            f"CUDA caching allocator, {CUDA_FRAGMENTATION:.0%} of transient bytes"
+            if on_cuda
+            else "runtime code pages, threads, model objects (measured constant)"
+            + (f" + MKL's pooled GEMM packing buffer {fmt_bytes(blas_pool)}" if blas_pool else "")
+        ),
+    )
+    if w.optimizer == "adamw8bit" and not profile.bitsandbytes_usable:
+        notes.append("adamw8bit needs bitsandbytes, which is not usable on this device")
+    details["why"] = why
+    details["off_peak"] = off_peak
+    return Plan(
+        device=profile.id,
+        model=shape.summary(),
+        workload=w,
+        breakdown=breakdown,
+        total_bytes=totals[peak],
+        available_bytes=profile.available_bytes(app_reserve_bytes),
+        peak_phase=peak,
+        phases=totals,
+        details=details,
+        notes=notes,
+    )
+
+
+def require_fit(p: Plan, suggestion: Plan | None = None) -> Plan:
+    """Return ``p`` when it fits, else raise :class:`DoesNotFit` saying by how much."""
+    if p.fits:
+        return p
+    msg = (
+        f"{p.workload.describe()} does not fit {p.device}: needs {fmt_bytes(p.total_bytes)}, "
+        f"{fmt_bytes(p.available_bytes)} available (short by {fmt_bytes(-p.headroom_bytes)}); "
+        f"largest term: {max(p.breakdown, key=lambda k: p.breakdown[k])}"
+    )
+    if suggestion is not None:
+        msg += (
+            f". What fits: {suggestion.workload.describe()} ({fmt_bytes(suggestion.total_bytes)})"
+        )
+    raise DoesNotFit(msg, p, suggestion)
+
+
+# ------------------------------------------------------------------------------------------
+# recommend
+
+
+_DEFAULT_CANDIDATES: dict[str, list[Any]] = {
+    "lora_rank": [32, 16, 8, 4],
+    "batch_size": [16, 8, 4, 2, 1],
+    "seq_len": [2048, 1024, 512, 256, 128],
+    "gradient_checkpointing": [False, True],
+    "optimizer": ["adamw"],
+}
+
+
+def _candidate_space(
+    profile: DeviceProfile, shape: ModelShape, candidates: Mapping[str, Any] | None
+) -> dict[str, list[Any]]:
+    space = {k: list(v) for k, v in _DEFAULT_CANDIDATES.items()}
+    quants = [q for q in profile.supported_quants()]
+    if profile.accelerator == "cuda" and ("bf16" in quants or "fp16" in quants):
+        quants = [q for q in quants if q != "fp32"]  # fp32 weights on a GPU waste memory
+    if profile.accelerator != "cuda":
+        quants = [q for q in quants if q in ("fp32", "nf4", "int8")]
+    space["quant"] = quants
+    if shape.max_positions:
+        space["seq_len"] = [s for s in space["seq_len"] if s <= shape.max_positions] or [
+            shape.max_positions
+        ]
+    if candidates:
+        for k, v in candidates.items():
+            if k not in Workload.__dataclass_fields__:
+                raise WorkloadError(f"unknown candidate dimension {k!r}")
+            space[k] = list(v) if isinstance(v, (list, tuple, set)) else [v]
+            if not space[k]:
+                raise WorkloadError(f"candidate list {k!r} is empty")
+    return space
+
+
+def _quality_key(p: Plan, target_tokens: int) -> tuple:
+    w = p.workload
+    return (
+        _PRECISION.get(w.quant, 0),
+        min(w.batch_size * w.seq_len, target_tokens),
+        w.seq_len,
+        w.lora_rank or 10**6,
+        not w.gradient_checkpointing,
+        w.batch_size,
+        -p.total_bytes,
+    )
+
+
+def recommend(
+    model_config: str | Path | Mapping[str, Any] | ModelShape,
+    profile: DeviceProfile | str,
+    candidates: Mapping[str, Any] | None = None,
+    *,
+    app_reserve_bytes: int = DEFAULT_APP_RESERVE_BYTES,
+    min_seq_len: int = 256,
+    target_tokens: int = 8192,
+    safety_margin: float = 0.05,
+) -> Plan:
+    """The best training configuration that fits, as a :class:`Plan`.
+
+    ``candidates`` maps :class:`Workload` fields to the values to try (a single value fixes
+    that field), e.g. ``{"quant": ["nf4"], "seq_len": [512, 1024]}``; unspecified fields use
+    a default grid (quant: what the device supports, rank 32..4, batch 16..1, seq 2048..128,
+    checkpointing off/on, AdamW). Preference among the configurations that fit: higher
+    precision (fp32 > bf16/fp16 > int8 > nf4), then more tokens per step (batch x seq, up to
+    ``target_tokens``: beyond that, gradient accumulation gives the same effective batch),
+    then longer sequences, higher rank, no checkpointing (faster), then less memory.
+    Configurations with ``seq_len < min_seq_len`` are only considered when nothing longer fits.
+    A configuration counts as fitting when its total plus ``safety_margin`` (a fraction of the
+    total, default 5%, for the planner's own error) is within the available memory.
+    Raises :class:`DoesNotFit` (with the smallest plan tried) when nothing fits.
+    """
+    shape = _resolve(model_config)
+    prof = get_profile(profile) if isinstance(profile, str) else profile
+    space = _candidate_space(prof, shape, candidates)
+    keys = list(space)
+    plans: list[Plan] = []
+    for combo in itertools.product(*(space[k] for k in keys)):
+        kw = dict(zip(keys, combo, strict=True))
+        try:
+            w = Workload(**kw)
+        except WorkloadError:
+            continue
+        try:
+            plans.append(plan(shape, prof, w, app_reserve_bytes=app_reserve_bytes))
+        except WorkloadError:
+            continue
+    if not plans:
+        raise WorkloadError("no valid workload among the candidates")
+    if not 0 <= safety_margin < 1:
+        raise WorkloadError(f"safety_margin must be in [0, 1), got {safety_margin!r}")
+    fitting = [p for p in plans if p.total_bytes * (1 + safety_margin) <= p.available_bytes]
+    long_enough = [p for p in fitting if p.workload.seq_len >= min_seq_len]
+    pool = long_enough or fitting
+    if pool:
+        return max(pool, key=lambda p: _quality_key(p, target_tokens))
+    smallest = min(plans, key=lambda p: p.total_bytes)
+    raise DoesNotFit(
+        f"nothing fits {prof.id}: even the smallest configuration tried "
+        f"({smallest.workload.describe()}) needs {fmt_bytes(smallest.total_bytes)}, "
+        f"{fmt_bytes(smallest.available_bytes)} available (short by "
+        f"{fmt_bytes(-smallest.headroom_bytes)}; largest term "
+        f"{max(smallest.breakdown, key=lambda k: smallest.breakdown[k])}). "
+        "Try a device with more memory, a smaller model, or shorter sequences.",
+        smallest,
+    )

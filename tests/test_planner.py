@@ -1,0 +1,402 @@
+"""Memory planner: hand-computed numbers, monotonicity, fitting decisions, the CLI, and (when
+torch is installed) the activation/weight terms against a real tiny model."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from firmware_profiles import (
+    DoesNotFit,
+    ModelConfigError,
+    ModelShape,
+    ProfileError,
+    Workload,
+    WorkloadError,
+    get_profile,
+    plan,
+    recommend,
+    require_fit,
+)
+from firmware_profiles.cli import plan_cli
+from firmware_profiles.planner import CPU_IMPORT_RSS_BYTES, fmt_bytes
+from firmware_profiles.profiles import GIB
+
+# A config small enough to account for by hand.
+SMALL = {
+    "model_type": "llama",
+    "vocab_size": 1000,
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "tie_word_embeddings": False,
+    "max_position_embeddings": 512,
+}
+# Qwen2-0.5B shaped
+QWEN05 = {
+    "model_type": "qwen2",
+    "vocab_size": 151936,
+    "hidden_size": 896,
+    "intermediate_size": 4864,
+    "num_hidden_layers": 24,
+    "num_attention_heads": 14,
+    "num_key_value_heads": 2,
+    "tie_word_embeddings": True,
+    "max_position_embeddings": 32768,
+}
+GPT2 = {"model_type": "gpt2", "vocab_size": 500, "n_embd": 32, "n_layer": 2, "n_head": 4}
+
+CPU = get_profile("generic-cpu")
+ORIN8 = get_profile("orin-nano-8gb")
+
+
+def train(**kw) -> Workload:
+    base = {"quant": "fp32", "lora_rank": 4, "batch_size": 1, "seq_len": 16}
+    base.update(kw)
+    return Workload(**base)
+
+
+# ------------------------------------------------------------------------------------------
+# hand-computed
+
+
+def test_shape_parameter_counts_by_hand():
+    s = ModelShape.from_config(SMALL)
+    # per layer: q 64x64, k 64x32, v 64x32, o 64x64, gate/up 64x128, down 128x64
+    per_layer = 4096 + 2048 + 2048 + 4096 + 8192 + 8192 + 8192
+    assert s.linear_params == 2 * per_layer == 73728
+    assert s.embedding_params == 64000 and s.lm_head_params == 64000
+    assert s.norm_params == (2 * 2 + 1) * 64
+    assert s.num_params == 64000 + 64000 + 320 + 73728 == 202048
+    assert (s.head_dim, s.num_kv_heads) == (16, 2)
+    tied = ModelShape.from_config({**SMALL, "tie_word_embeddings": True})
+    assert tied.num_params == 202048 - 64000
+
+
+def test_weight_lora_gradient_optimizer_bytes_by_hand():
+    p = plan(SMALL, CPU, train(quant="fp32", lora_rank=4))
+    assert p.breakdown["weights"] == 202048 * 4
+    # LoRA r=4 per layer: q 4*(64+64) k,v 4*(64+32) o 4*(64+64) gate,up 4*(64+128) down 4*(128+64)
+    lora_params = 2 * (512 + 384 + 384 + 512 + 768 + 768 + 768)
+    assert lora_params == 8192
+    assert p.breakdown["lora"] == lora_params * 4
+    assert p.details["trainable_params"] == lora_params
+    assert p.breakdown["optimizer"] == lora_params * 8  # AdamW: 2 fp32 states
+    assert p.details["off_peak"]["gradients"] == lora_params * 4  # not alive at loss backward
+    sgd = plan(SMALL, CPU, train(optimizer="sgd"))
+    assert sgd.breakdown["optimizer"] == 0
+    mom = plan(SMALL, CPU, train(optimizer="sgd_momentum"))
+    assert mom.breakdown["optimizer"] == lora_params * 4
+    # every adapter tensor has < 4096 values: bitsandbytes keeps those in 32-bit states
+    a8 = plan(SMALL, CPU, train(optimizer="adamw8bit"))
+    assert a8.breakdown["optimizer"] == lora_params * 8
+    bf16 = plan(SMALL, ORIN8, train(quant="bf16"))
+    assert bf16.breakdown["weights"] == 202048 * 2
+
+
+def test_quantized_weight_bytes_by_hand():
+    numels = [(4096, 64), (2048, 32), (2048, 32), (4096, 64), (8192, 128), (8192, 128), (8192, 64)]
+    rest = (64000 + 64000 + 320) * 4  # embeddings, LM head, norms stay in fp32 on CPU
+
+    def nf4(n: int, dq: bool) -> int:
+        blocks = n // 64
+        b = n // 2 + 16 * 4  # nibbles + nf4 code
+        return b + (blocks + -(-blocks // 256) * 4 + 256 * 4 + 4 if dq else blocks * 4)
+
+    for dq in (True, False):
+        p = plan(SMALL, CPU, train(quant="nf4", double_quant=dq))
+        assert p.breakdown["weights"] == rest + 2 * sum(nf4(n, dq) for n, _ in numels)
+    p = plan(SMALL, CPU, train(quant="int8"))
+    assert p.breakdown["weights"] == rest + 2 * sum(n + out * 4 for n, out in numels)
+    # on the Orin the non-quantized parts are bf16
+    p = plan(SMALL, ORIN8, train(quant="nf4"))
+    assert p.breakdown["weights"] == rest // 2 + 2 * sum(nf4(n, True) for n, _ in numels)
+
+
+def test_activation_and_logit_bytes_by_hand():
+    B, T = 2, 8
+    N = B * T
+    p = plan(SMALL, CPU, train(batch_size=B, seq_len=T))
+    # fp32, fused attention, LoRA r=4 on all 7 linears; per token and layer:
+    h, kv, i, nh, r = 64, 32, 128, 4, 4
+    per_layer = (
+        2 * (h * 4 + 4)  # two RMSNorms: fp32 input + rsqrt
+        + h * 4  # q/k/v LoRA input (shared)
+        + (2 * h + 2 * kv) * 4  # SDPA: q k v out
+        + nh * 4  # logsumexp
+        + h * 4  # gate/up LoRA input
+        + 3 * i * 4  # gate, silu(gate), up
+        + i * 4  # down LoRA input
+        + 7 * r * 4  # LoRA intermediates
+    )
+    assert p.details["activation_bytes_per_token_per_layer"] == per_layer
+    # layer 0's input needs no grad; the final norm saves its input; RoPE cos/sin
+    saved = (2 * per_layer - (h * 4 + 4) + (h * 4 + 4)) * N + 2 * T * 16 * 4
+    assert p.breakdown["activations"] == saved
+    assert p.peak_phase == "loss_backward"
+    assert p.breakdown["logits"] == N * 1000 * 4 + 12 * B * (T - 1) * 1000
+    assert p.breakdown["runtime"] == CPU_IMPORT_RSS_BYTES
+    assert sum(p.breakdown.values()) == p.total_bytes
+
+
+def test_gpt2_config_defaults():
+    s = ModelShape.from_config(GPT2)
+    assert s.family == "gpt2" and s.intermediate_size == 128 and s.tie_word_embeddings
+    assert s.max_positions == 1024 and s.attn_dropout == 0.1 and s.activation == "gelu_new"
+    assert [lin.name for lin in s.linears()] == ["c_attn", "c_proj", "c_fc", "c_proj"]
+    with pytest.raises(WorkloadError, match="max_position"):
+        plan(GPT2, CPU, train(seq_len=2048))
+
+
+def test_inference_kv_cache_by_hand():
+    w = Workload(quant="bf16", lora_rank=None, batch_size=2, seq_len=1024, mode="infer")
+    p = plan(QWEN05, ORIN8, w)
+    assert p.breakdown["kv_cache"] == 24 * (2 * 2 * 64) * 2048 * 2
+    assert p.breakdown["lora"] == 0 and p.fits
+
+
+# ------------------------------------------------------------------------------------------
+# monotonicity
+
+
+def total(**kw) -> int:
+    return plan(QWEN05, ORIN8, Workload(**{"quant": "nf4", **kw})).total_bytes
+
+
+def test_more_batch_seq_rank_means_more_memory():
+    assert total(batch_size=1) < total(batch_size=2) < total(batch_size=4)
+    assert total(seq_len=128) < total(seq_len=256) < total(seq_len=512)
+    r = [plan(QWEN05, ORIN8, Workload(lora_rank=k)) for k in (4, 8, 16, 64)]
+    assert [x.breakdown["lora"] for x in r] == sorted({x.breakdown["lora"] for x in r})
+    assert r[0].total_bytes < r[1].total_bytes < r[2].total_bytes < r[3].total_bytes
+
+
+def test_checkpointing_cuts_activations():
+    for model in (QWEN05, GPT2, SMALL):
+        for prof in (ORIN8, CPU):
+            w = Workload(quant="bf16", batch_size=4, seq_len=256)
+            off = plan(model, prof, w)
+            on = plan(model, prof, Workload(**{**w.to_dict(), "gradient_checkpointing": True}))
+            assert on.breakdown["activations"] < off.breakdown["activations"]
+            assert on.total_bytes <= off.total_bytes
+
+
+def test_quantization_orders_weights():
+    w = [
+        plan(QWEN05, ORIN8, Workload(quant=q)).breakdown["weights"]
+        for q in ("nf4", "int8", "bf16", "fp32")
+    ]
+    assert w[0] < w[1] < w[2] < w[3]
+    assert w[3] == 2 * w[2]
+    assert w[0] < 0.5 * w[2]
+
+
+def test_eager_attention_grows_quadratically():
+    def act(attn: str, T: int) -> int:
+        return plan(SMALL, CPU, train(attention=attn, seq_len=T)).breakdown["activations"]
+
+    assert act("eager", 256) > act("sdpa", 256)
+    # per token, the score term is linear in T: doubling T more than doubles eager's total
+    assert act("eager", 512) > 2 * act("eager", 256)
+    assert act("sdpa", 512) < 2.2 * act("sdpa", 256)
+
+
+def test_bf16_compute_saves_fp32_copies_for_lora():
+    # peft casts each adapter's input to fp32: bf16 saves less than fp32 but not half
+    f = plan(SMALL, CPU, train(quant="fp32", seq_len=64)).details[
+        "activation_bytes_per_token_per_layer"
+    ]
+    b = plan(SMALL, CPU, train(quant="bf16", seq_len=64)).details[
+        "activation_bytes_per_token_per_layer"
+    ]
+    assert 0.5 * f < b < f
+
+
+# ------------------------------------------------------------------------------------------
+# fitting
+
+
+def test_qwen05_on_orin_nano_8gb():
+    small = plan(QWEN05, ORIN8, Workload(quant="nf4", lora_rank=8, batch_size=2, seq_len=512))
+    assert small.fits and small.headroom_bytes > 0
+    assert require_fit(small) is small
+    # the vocabulary makes the logits the largest single term
+    assert max(small.breakdown, key=small.breakdown.get) == "logits"
+    full = plan(QWEN05, ORIN8, Workload(quant="fp32", lora_rank=None, batch_size=1, seq_len=256))
+    assert not full.fits and full.total_bytes > 8 * GIB
+    assert full.breakdown["optimizer"] == 2 * full.breakdown["weights"]  # AdamW, fp32
+    with pytest.raises(DoesNotFit) as ei:
+        require_fit(full)
+    assert isinstance(ei.value, ProfileError)
+    assert ei.value.short_by_bytes == -full.headroom_bytes > GIB
+    assert "short by" in str(ei.value)
+    text = full.explain()
+    assert "DOES NOT FIT" in text and fmt_bytes(full.total_bytes) in text
+
+
+def test_recommend_picks_a_fitting_configuration():
+    best = recommend(QWEN05, ORIN8)
+    assert best.fits and best.total_bytes * 1.05 <= best.available_bytes
+    assert best.workload.seq_len >= 256
+    nf4 = recommend(QWEN05, ORIN8, {"quant": "nf4", "seq_len": [512, 1024]})
+    assert nf4.workload.quant == "nf4" and nf4.fits
+    # more memory never recommends a smaller job
+    big = recommend(QWEN05, "agx-orin-64gb")
+
+    def key(p):
+        return (p.workload.batch_size * p.workload.seq_len, p.workload.lora_rank)
+
+    assert key(big) >= key(best)
+
+
+def test_recommend_refuses_an_impossible_job():
+    huge = {
+        **QWEN05,
+        "hidden_size": 8192,
+        "intermediate_size": 28672,
+        "num_hidden_layers": 80,
+        "num_attention_heads": 64,
+        "num_key_value_heads": 8,
+    }  # 70B-class
+    with pytest.raises(DoesNotFit) as ei:
+        recommend(huge, "orin-nano-4gb")
+    err = ei.value
+    assert err.plan.total_bytes > err.plan.available_bytes and err.short_by_bytes > 0
+    assert "nothing fits" in str(err) and "short by" in str(err)
+    assert json.loads(json.dumps(err.to_dict()))["plan"]["fits"] is False
+
+
+def test_bad_inputs_are_typed_errors():
+    with pytest.raises(ModelConfigError):
+        plan({"model_type": "mystery"}, CPU)
+    with pytest.raises(ModelConfigError):
+        plan({**SMALL, "hidden_size": 0}, CPU)
+    with pytest.raises(ModelConfigError):
+        plan("/nonexistent/model", CPU)
+    with pytest.raises(WorkloadError):
+        Workload(quant="fp8")
+    with pytest.raises(WorkloadError):
+        Workload(quant="nf4", lora_rank=None)  # no full fine-tuning of quantized weights
+    with pytest.raises(WorkloadError):
+        Workload(batch_size=0)
+    with pytest.raises(WorkloadError, match="not linear layers"):
+        plan(SMALL, CPU, train(lora_targets=("qkv",)))
+    with pytest.raises(WorkloadError):
+        recommend(SMALL, CPU, {"no_such_field": [1]})
+
+
+def test_notes_flag_unsupported_devices():
+    p = plan(QWEN05, "xavier-nx-8gb", Workload(quant="nf4"))
+    assert any("bitsandbytes" in n for n in p.notes)
+    assert any("training is not supported" in n for n in p.notes)
+
+
+# ------------------------------------------------------------------------------------------
+# CLI
+
+
+def test_plan_cli(tmp_path, capsys):
+    model = tmp_path / "qwen"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps(QWEN05))
+    assert plan_cli(["--device", "orin-nano-8gb", "--model", str(model)]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("recommended:") and "FITS" in out
+    args = ["--device", "orin-nano-8gb", "--model", str(model / "config.json")]
+    assert plan_cli([*args, "--quant", "nf4", "--rank", "8", "--batch", "2", "--seq", "512"]) == 0
+    assert "logits" in capsys.readouterr().out
+    assert plan_cli([*args, "--quant", "fp32", "--full", "--seq", "256", "--json"]) == 3
+    cap = capsys.readouterr()
+    d = json.loads(cap.out)
+    assert d["fits"] is False and d["short_by_bytes"] > 0 and d["suggestion"]["fits"]
+    assert "short by" in cap.err
+    assert plan_cli(["--device", "orin-nano-8gb", "--model", json.dumps(QWEN05), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["mode"] == "recommend"
+    assert plan_cli(["--device", "nope", "--model", str(model)]) == 2
+    assert plan_cli(["--device", "orin-nano-8gb", "--model", str(tmp_path / "missing")]) == 2
+    huge = {
+        **QWEN05,
+        "num_hidden_layers": 400,
+        "hidden_size": 8192,
+        "num_attention_heads": 64,
+        "num_key_value_heads": 8,
+    }
+    assert plan_cli(["--device", "orin-nano-4gb", "--model", json.dumps(huge)]) == 3
+
+
+# ------------------------------------------------------------------------------------------
+# against a real tiny model (torch, transformers, peft)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    pytest.importorskip("torch")
+    pytest.importorskip("peft")
+    from tests.tiny_models import make_tiny_gpt2, make_tiny_llama
+
+    root = tmp_path_factory.mktemp("planner-models")
+    return {"llama": make_tiny_llama(root / "llama"), "gpt2": make_tiny_gpt2(root / "gpt2")}
+
+
+def _saved_bytes(model, batch: int, seq: int) -> int:
+    """Unique bytes autograd saves for backward in one forward (parameters excluded)."""
+    import torch
+
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    params |= {b.untyped_storage().data_ptr() for b in model.buffers()}
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        st = t.untyped_storage()
+        if st.data_ptr() not in params and t.numel() > 1:  # skip python-scalar constants
+            seen.setdefault(st.data_ptr(), st.nbytes())
+        return t
+
+    ids = torch.randint(0, 100, (batch, seq))
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False)
+    return sum(seen.values())
+
+
+@pytest.mark.parametrize(
+    "arch, quant, attention",
+    [
+        ("llama", "fp32", "auto"),
+        ("llama", "bf16", "eager"),
+        ("gpt2", "fp32", "auto"),
+        ("gpt2", "bf16", "auto"),
+    ],
+)
+def test_activation_term_matches_autograd(tiny, arch, quant, attention):
+    from algorithms.core.modeling import LoraSpec, attach_lora, load_causal_lm
+
+    model, _, _ = load_causal_lm(tiny[arch], quant=quant)
+    if attention != "auto":
+        model.set_attn_implementation(attention)
+    model = attach_lora(model, LoraSpec(r=4), seed=0)
+    model.train()
+    measured = _saved_bytes(model, 2, 32)
+    p = plan(
+        tiny[arch],
+        CPU,
+        Workload(quant=quant, lora_rank=4, batch_size=2, seq_len=32, attention=attention),
+    )
+    # LayerNorm statistics are modelled as fp32 even when bf16: allow 0.5%
+    assert p.breakdown["activations"] == pytest.approx(measured, rel=0.005)
+
+
+@pytest.mark.parametrize("quant", ["fp32", "bf16", "nf4", "int8"])
+def test_weight_term_matches_the_loaded_model(tiny, quant):
+    pytest.importorskip("bitsandbytes")
+    from algorithms.core.memory import tensor_bytes
+    from algorithms.core.modeling import load_causal_lm
+
+    model, _, report = load_causal_lm(tiny["llama"], quant=quant)
+    if report.fell_back:
+        pytest.skip(f"bitsandbytes unusable here: {report.notes}")
+    p = plan(tiny["llama"], CPU, Workload(quant=quant, lora_rank=4))
+    # tensor_bytes also counts the rotary inv_freq buffers, which the planner ignores
+    assert p.breakdown["weights"] == pytest.approx(tensor_bytes(model), abs=1024)
