@@ -23,6 +23,8 @@ from collections import Counter, OrderedDict, deque
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+
 from .blobs import (
     DEFAULT_CHUNK_SIZE,
     DEFAULT_SPILL_THRESHOLD,
@@ -211,9 +213,10 @@ class Endpoint:
         ref = blob.ref
         window: deque = deque()
         deadline = time.monotonic() + timeout
+        eph = X25519PrivateKey.generate() if kid is None else None  # one key agreement per transfer
         for i in indices:
             frame = self.sealer.seal(recipient, CHUNK, blob.chunk(i), round=round, kid=kid, blob=ref.sha256, chunk=i,
-                                     total=ref.total_chunks, bsize=ref.size, csize=ref.chunk_size)
+                                     total=ref.total_chunks, bsize=ref.size, csize=ref.chunk_size, ephemeral=eph)
             window.append(self.transport.publish(topic, frame))
             while len(window) >= self.config.publish_window:
                 if acked(window[0]):

@@ -217,6 +217,9 @@ class Sealer:
         self.replay = replay or ReplayGuard(clock=clock)
         self.clock = clock
         self._content_keys: dict[str, AESGCM] = {}
+        # derived direct keys by (peer, ephemeral public key): the chunks of one blob share one
+        # ephemeral key, so the X25519 + HKDF work is done once per blob, not once per chunk
+        self._direct_keys: OrderedDict[tuple[str, bytes], AESGCM] = OrderedDict()
         self._kx_pub = identity.kx_key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
 
     # -- content keys (broadcast) -------------------------------------------------------
@@ -236,8 +239,11 @@ class Sealer:
     # -- seal -----------------------------------------------------------------------------
     def seal(self, recipient: str, mtype: str, plaintext: bytes | memoryview, *, round: int = 0,
              kid: str | None = None, blob: str | None = None, chunk: int = 0, total: int = 1,
-             bsize: int = 0, csize: int = 0, mid: str | None = None) -> bytes:
-        """Encrypt and sign. ``kid`` selects a content key (required for broadcast)."""
+             bsize: int = 0, csize: int = 0, mid: str | None = None,
+             ephemeral: X25519PrivateKey | None = None) -> bytes:
+        """Encrypt and sign. ``kid`` selects a content key (required for broadcast).
+        ``ephemeral``: reuse one ephemeral X25519 key for a series of messages (a blob's
+        chunks); each message still has its own random nonce."""
         if len(plaintext) + ENVELOPE_OVERHEAD > self.max_message_bytes:
             raise OversizedMessage(
                 f"{mtype} of {len(plaintext)} bytes exceeds the {self.max_message_bytes}-byte message limit "
@@ -256,11 +262,14 @@ class Sealer:
             if recipient == BROADCAST:
                 raise UnknownRecipient("broadcast messages need a content key (kid)")
             peer = self.directory.recipient(recipient)
-            eph = X25519PrivateKey.generate()
+            eph = ephemeral or X25519PrivateKey.generate()
             epk = eph.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
-            key = _direct_key(eph.exchange(peer.kx_key), epk, peer.kx_pub, self.directory.federation,
-                              self.identity.party_id, recipient)
-            aead = AESGCM(key)
+            aead = self._cached_key(recipient, epk) if ephemeral is not None else None
+            if aead is None:
+                aead = AESGCM(_direct_key(eph.exchange(peer.kx_key), epk, peer.kx_pub, self.directory.federation,
+                                          self.identity.party_id, recipient))
+                if ephemeral is not None:
+                    self._remember_key(recipient, epk, aead)
             header = Header(epk=epk, **common)
         head = header.to_bytes()
         ct = aead.encrypt(nonce, plaintext, MAGIC + head)
@@ -307,11 +316,26 @@ class Sealer:
         else:
             if header.recipient == BROADCAST:
                 raise MalformedMessage("direct-encrypted message addressed to broadcast")
-            shared = self.identity.kx_key.exchange(X25519PublicKey.from_public_bytes(header.epk))
-            aead = AESGCM(_direct_key(shared, header.epk, self._kx_pub, header.federation, header.sender, me))
+            aead = self._cached_key(header.sender, header.epk)
+            if aead is None:
+                shared = self.identity.kx_key.exchange(X25519PublicKey.from_public_bytes(header.epk))
+                aead = AESGCM(_direct_key(shared, header.epk, self._kx_pub, header.federation, header.sender, me))
         try:
             plaintext = aead.decrypt(header.nonce, ct, MAGIC + head)
         except InvalidTag:
             raise TamperedMessage(f"AEAD tag of message {header.mid} from {header.sender!r} does not verify") from None
         self.replay.remember(header)
+        if header.epk is not None:  # only keys that decrypted a signed message are kept
+            self._remember_key(header.sender, header.epk, aead)
         return Opened(header, plaintext)
+
+    def _cached_key(self, peer: str, epk: bytes) -> AESGCM | None:
+        aead = self._direct_keys.get((peer, epk))
+        if aead is not None:
+            self._direct_keys.move_to_end((peer, epk))
+        return aead
+
+    def _remember_key(self, peer: str, epk: bytes, aead: AESGCM) -> None:
+        self._direct_keys[(peer, epk)] = aead
+        while len(self._direct_keys) > 256:
+            self._direct_keys.popitem(last=False)

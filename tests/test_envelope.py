@@ -168,3 +168,19 @@ def test_golden_envelope_still_opens():
     assert opened.header.sender == "alice" and opened.header.round == 3
     msg = decode(opened.plaintext)
     assert encode(msg) == encode(sample_update())
+
+
+def test_shared_ephemeral_key_for_a_blob_still_authenticates_each_chunk(fed):
+    from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+
+    _, _, s, _ = fed
+    eph = X25519PrivateKey.generate()
+    frames = [s["alice"].seal("aggregator", "chunk", os.urandom(500), ephemeral=eph) for _ in range(3)]
+    nonces = {s["aggregator"].parse(f)[0].nonce for f in frames}
+    assert len(nonces) == 3  # one key, a fresh nonce per message
+    for f in frames[:2]:
+        s["aggregator"].open(f)
+    with pytest.raises(TamperedMessage):
+        s["aggregator"].open(_flip(frames[2], len(frames[2]) - 80))
+    with pytest.raises(UnknownRecipient):  # a cached key never opens a message for someone else
+        s["bob"].open(frames[2])
