@@ -547,3 +547,31 @@ def test_peak_memory_and_tensor_bytes(tiny_llama_path):
     pmodel = attach_lora(model, SPEC, seed=0)
     lora_numel = sum(t.numel() for t in adapter_state(pmodel).values())
     assert tensor_bytes(pmodel, trainable_only=True) == 4 * lora_numel
+
+
+def test_concurrent_loads_in_threads_do_not_share_meta_tensors(tmp_path_factory):
+    """Several EdgeClients in one process load their models at the same time."""
+    import threading
+
+    from algorithms.zoo import build_zoo
+
+    # a zoo checkpoint: tied embeddings saved without lm_head.weight, which is where the race showed
+    path = build_zoo(cache_dir=tmp_path_factory.mktemp("zoo"), quick=True, progress=False)["slm-llama"]
+    results: list = []
+    errors: list = []
+
+    def load():
+        try:
+            results.append(load_causal_lm(path, quant="fp32")[0])
+        except Exception as exc:  # collected and asserted below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=load) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not errors, errors
+    for m in results:
+        assert not any(p.is_meta for p in m.parameters())
+        assert m.lm_head.weight.data_ptr() == m.model.embed_tokens.weight.data_ptr() or not m.config.tie_word_embeddings

@@ -32,6 +32,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import threading
 import time
 import warnings
 from collections.abc import Mapping
@@ -426,7 +427,18 @@ def _quiet_transformers() -> None:
     hf_logging.disable_progress_bar()
 
 
+#: transformers' from_pretrained builds models under process-global init contexts (meta
+#: device, weight tying); two threads loading at once (several EdgeClients in one process)
+#: got each other's meta tensors. One load at a time per process.
+_LOAD_LOCK = threading.Lock()
+
+
 def _load_plain(p: Path, dtype: torch.dtype, dev: torch.device) -> torch.nn.Module:
+    with _LOAD_LOCK:
+        return _load_plain_unlocked(p, dtype, dev)
+
+
+def _load_plain_unlocked(p: Path, dtype: torch.dtype, dev: torch.device) -> torch.nn.Module:
     from transformers import AutoModelForCausalLM
 
     _quiet_transformers()
@@ -440,6 +452,13 @@ def _load_plain(p: Path, dtype: torch.dtype, dev: torch.device) -> torch.nn.Modu
 
 
 def _load_quantized(
+    p: Path, quant: str, dev: torch.device, compute: torch.dtype, double_quant: bool
+) -> torch.nn.Module:
+    with _LOAD_LOCK:
+        return _load_quantized_unlocked(p, quant, dev, compute, double_quant)
+
+
+def _load_quantized_unlocked(
     p: Path, quant: str, dev: torch.device, compute: torch.dtype, double_quant: bool
 ) -> torch.nn.Module:
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
