@@ -173,7 +173,7 @@ def main() -> None:
         "bytes_per_client_round": comm["bytes_per_client"], "full_model_fp32_bytes": full_fp32,
         "adapter_fp16_bytes": comm["adapter_fp16_bytes"], "params": n_params, "lora": LORA,
         "memory_kind": peaks["fp32_full"]["kind"], "nf4_fell_back": peaks["nf4_lora"]["fell_back"],
-        "peaks_model": "llama " + json.dumps(SIZED), "sized_60M_peaks": {k: v["peak_mb"] for k, v in sized_peaks.items()},
+        "sized_model": "llama " + json.dumps(SIZED), "sized_60M_peaks": {k: v["peak_mb"] for k, v in sized_peaks.items()},
     }
     print("BENCH round " + json.dumps(result))
 
