@@ -134,7 +134,7 @@ DEFAULT_APP_RESERVE_BYTES = 256 * MIB
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 OPTIMIZERS = ("adamw", "adamw8bit", "sgd", "sgd_momentum")
 ATTENTION = ("auto", "sdpa", "eager")
-#: Mirrors ``algorithms.core.modeling.DEFAULT_LORA_TARGETS`` (this package may not import it).
+#: The canonical LoRA targets per architecture; ``algorithms.core.modeling`` extends this table.
 _LLAMA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 DEFAULT_LORA_TARGETS: dict[str, tuple[str, ...]] = {
     "llama": _LLAMA_TARGETS,

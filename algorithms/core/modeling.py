@@ -50,6 +50,7 @@ from algorithms.core.errors import (
     QuantizationUnavailableError,
 )
 from algorithms.core.lora_state import signature_diff, state_signature
+from firmware_profiles.planner import DEFAULT_LORA_TARGETS as _PLANNER_TARGETS
 
 __all__ = [
     "ADAPTER_CONFIG_NAME",
@@ -96,15 +97,10 @@ ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
 _PEFT_PREFIX = "base_model.model."
 _LORA_TAGS = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector")
 
-_LLAMA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+#: one table of LoRA targets for the planner and the loader: the planner's (stdlib-only
+#: firmware_profiles, which algorithms may import) plus architectures only the loader knows
 DEFAULT_LORA_TARGETS: dict[str, tuple[str, ...]] = {
-    "llama": _LLAMA_TARGETS,
-    "mistral": _LLAMA_TARGETS,
-    "qwen2": _LLAMA_TARGETS,
-    "qwen3": _LLAMA_TARGETS,
-    "gemma": _LLAMA_TARGETS,
-    "gemma2": _LLAMA_TARGETS,
-    "gpt2": ("c_attn", "c_proj", "c_fc"),
+    **_PLANNER_TARGETS,
     "opt": ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"),
     "gpt_neox": ("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"),
     "phi3": ("qkv_proj", "o_proj", "gate_up_proj", "down_proj"),
