@@ -184,3 +184,21 @@ def test_shared_ephemeral_key_for_a_blob_still_authenticates_each_chunk(fed):
         s["aggregator"].open(_flip(frames[2], len(frames[2]) - 80))
     with pytest.raises(UnknownRecipient):  # a cached key never opens a message for someone else
         s["bob"].open(frames[2])
+
+
+def test_only_a_verified_signature_seeds_the_per_transfer_key_cache(fed):
+    """Later chunks under one ephemeral key are authenticated by the AEAD tag, but only after a
+    message under that key passed the signature check."""
+    from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+
+    _, _, s, _ = fed
+    eph = X25519PrivateKey.generate()
+    first, second = (s["alice"].seal("aggregator", "chunk", os.urandom(300), ephemeral=eph) for _ in range(2))
+    with pytest.raises(TamperedMessage):
+        s["aggregator"].open(_flip(first, len(first) - 1))  # bad signature, good ciphertext
+    with pytest.raises(TamperedMessage):
+        s["aggregator"].open(_flip(second, len(second) - 1))  # still not cached: still verified
+    s["aggregator"].open(first)
+    # now cached: the tag carries the authentication, a tampered body still fails
+    with pytest.raises(TamperedMessage):
+        s["aggregator"].open(_flip(second, len(second) - 70))
