@@ -76,10 +76,8 @@ class AggregatorService:
         pc = load_party_config(config.party_config)
         self.party = pc
         broker = broker_config_for(pc, **config.broker)
-        ep_cfg = EndpointConfig(max_message_bytes=pc.max_packet_bytes, spill_dir=str(self.state_dir))
-        if config.chunk_size:
-            ep_cfg = EndpointConfig(chunk_size=config.chunk_size, max_message_bytes=pc.max_packet_bytes,
-                                    spill_dir=str(self.state_dir))
+        chunking = {"chunk_size": config.chunk_size} if config.chunk_size else {}
+        ep_cfg = EndpointConfig(max_message_bytes=pc.max_packet_bytes, spill_dir=str(self.state_dir), **chunking)
         self.endpoint = Endpoint(pc.identity, pc.directory, broker, ep_cfg)
         self.endpoint.on_reject = self._on_bridge_reject
         self._current_round = 0

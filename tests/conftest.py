@@ -86,3 +86,33 @@ def embedded_broker() -> Iterator[EmbeddedBroker]:
         yield broker
     finally:
         broker.stop()
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_path(tmp_path_factory):
+    """Directory of the default tiny Llama (weights + tokenizer), built once per session."""
+    from tests.tiny_models import session_model
+
+    return session_model("llama", tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2_path(tmp_path_factory):
+    """Directory of the default tiny GPT-2 (weights + tokenizer), built once per session."""
+    from tests.tiny_models import session_model
+
+    return session_model("gpt2", tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny matrices gain nothing from intra-op threads, and on a shared, busy machine two
+    spinning threads made each step ~20x slower. Modules opt in with
+    ``pytestmark = pytest.mark.usefixtures("one_torch_thread")``."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+

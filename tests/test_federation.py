@@ -15,7 +15,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from tiny_models import TINY_CORPUS, session_model
 
 from aggregator.config import AggregatorConfig
 from aggregator.service import AggregatorService
@@ -25,25 +24,18 @@ from bridge.codec import decode, encode
 from bridge.endpoint import load_endpoint
 from bridge.messages import Task, Update
 from edge_sdk.client import EdgeClient
+from tests.tiny_models import TINY_CORPUS
 
-pytestmark = pytest.mark.skipif(find_mosquitto() is None, reason="needs mosquitto (CI installs it)")
+pytestmark = [pytest.mark.usefixtures("one_torch_thread"), pytest.mark.skipif(find_mosquitto() is None, reason="needs mosquitto (CI installs it)")]
 ROOT = Path(__file__).resolve().parents[1]
 ALGO_CONFIG = {"lora": {"r": 4, "alpha": 8}, "wire_dtype": "fp16", "eval_block_size": 32,
                "train": {"lr": 2e-3, "max_steps": 3, "batch_size": 4, "block_size": 32}}
 SHARDS = {"alice": TINY_CORPUS[0::3], "bob": TINY_CORPUS[1::3][:4], "carol": TINY_CORPUS[2::3][:2]}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def model(tmp_path_factory):
-    return session_model("llama", tmp_path_factory)
+@pytest.fixture
+def model(tiny_llama_path):
+    return tiny_llama_path
 
 
 @pytest.fixture

@@ -28,30 +28,14 @@ from algorithms.core.modeling import (
     load_peft_adapter,
     save_peft_adapter,
 )
-from tests.tiny_models import session_model
 
 bnb = pytest.importorskip("bitsandbytes")
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 SPEC = LoraSpec(r=4, alpha=8.0, dropout=0.0)
 
 
-@pytest.fixture(scope="session")
-def tiny_llama_path(tmp_path_factory):
-    return session_model("llama", tmp_path_factory)
-
-
-@pytest.fixture(scope="session")
-def tiny_gpt2_path(tmp_path_factory):
-    return session_model("gpt2", tmp_path_factory)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    # Tiny matrices gain nothing from intra-op threads; on a shared machine they cost a lot.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _random_adapter(model, seed: int = 1, scale: float = 0.05) -> dict[str, torch.Tensor]:

@@ -24,24 +24,13 @@ from algorithms.core.training import (
     accumulate_step,
     train_causal_lm,
 )
-from tests.tiny_models import TINY_CORPUS, TINY_PAIRS, session_model
+from tests.tiny_models import TINY_CORPUS, TINY_PAIRS
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 SPEC = LoraSpec(r=4, alpha=8.0)
 
 
-@pytest.fixture(scope="session")
-def tiny_llama_path(tmp_path_factory):
-    return session_model("llama", tmp_path_factory)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    # Tiny matrices gain nothing from intra-op threads, and on a shared, busy machine two
-    # spinning threads made each step ~20x slower.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _lora_model(path, quant: str = "fp32", seed: int = 0, spec: LoraSpec = SPEC):

@@ -4,9 +4,8 @@
 tokenizer on :data:`TINY_CORPUS` with ``algorithms.core.tokenizer.train_tokenizer`` and save both
 with ``save_pretrained`` (safetensors), so tests load them through the same
 ``load_causal_lm`` path a real checkpoint takes. Results are cached per process by their
-arguments; the session-scoped fixtures ``tiny_llama_path`` / ``tiny_gpt2_path`` put them in a
-pytest temporary directory (a conftest can import them; a test module can also wrap
-:func:`session_model` in its own fixture, which shares the same directory).
+arguments; :func:`session_model` backs the session fixtures ``tiny_llama_path`` /
+``tiny_gpt2_path`` of ``tests/conftest.py``.
 """
 
 from __future__ import annotations
@@ -21,8 +20,6 @@ __all__ = [
     "make_tiny_gpt2",
     "make_tiny_llama",
     "session_model",
-    "tiny_gpt2_path",
-    "tiny_llama_path",
 ]
 
 TINY_CORPUS: list[str] = [
@@ -181,15 +178,3 @@ def session_model(kind: str, factory: pytest.TempPathFactory) -> Path:
         path = maker(factory.mktemp(f"tiny-{kind}"))
         _FIXTURE_CACHE[kind] = path
     return path
-
-
-@pytest.fixture(scope="session")
-def tiny_llama_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Directory of the default tiny Llama (vocab ~400, hidden 64, 2 layers)."""
-    return session_model("llama", tmp_path_factory)
-
-
-@pytest.fixture(scope="session")
-def tiny_gpt2_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Directory of the default tiny GPT-2 (vocab ~400, hidden 64, 2 layers)."""
-    return session_model("gpt2", tmp_path_factory)
