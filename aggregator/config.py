@@ -36,6 +36,9 @@ class AggregatorConfig:
     clip: bool = False  # scale an over-norm update down instead of rejecting it
     models: dict = field(default_factory=dict)  # role -> local checkpoint path ("slm", "llm")
     public_data: list = field(default_factory=list)  # the auxiliary set D_p (texts)
+    #: the LLM backend: {"backend": "local", "path", "quant"} or {"backend": "blackbox", "url",
+    #: "tokenizer", "model", "top_k", "api_key_env"}; empty = local from models.llm
+    llm: dict = field(default_factory=dict)
     seed: int = 0
     broker: dict = field(default_factory=dict)  # overrides: host, port, tls, protocol, auth
     chunk_size: int | None = None
@@ -77,6 +80,12 @@ class AggregatorConfig:
             if key in data and not os.path.isabs(data[key]):
                 data[key] = str(base / data[key])
         data["models"] = {k: v if os.path.isabs(v) else str(base / v) for k, v in data.get("models", {}).items()}
+        llm = dict(data.get("llm") or {})
+        for key in ("path", "tokenizer"):
+            if key in llm and not os.path.isabs(llm[key]):
+                llm[key] = str(base / llm[key])
+        if llm:
+            data["llm"] = llm
         try:
             return cls(**data)
         except TypeError as exc:

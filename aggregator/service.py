@@ -18,7 +18,6 @@ import logging
 import random
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +32,7 @@ from bridge.provision import load_party_config
 
 from .aggregation import Aggregator, aggregator_from_state, make_aggregator
 from .config import AggregatorConfig
+from .context import ServerContext
 from .errors import AggregatorError, InvalidUpdate
 from .state import StateStore, update_digest
 from .validation import UpdateSpec, validate_update
@@ -43,26 +43,6 @@ log = logging.getLogger("cotune.aggregator")
 def _event(kind: str, **fields) -> None:
     """Structured log line: one JSON object per event."""
     log.info(json.dumps({"event": kind, **fields}, default=str, sort_keys=True))
-
-
-@dataclass
-class _ServerContext:
-    work_dir: str
-    seed: int
-    models: dict
-    public: list
-
-    def model_path(self, role: str) -> str:
-        try:
-            return self.models[role]
-        except KeyError:
-            raise AggregatorError(f"the aggregator config has no model for role {role!r} (models: {sorted(self.models)})") from None
-
-    def public_data(self) -> list:
-        return list(self.public)
-
-    def log(self, msg: str) -> None:
-        log.info(msg)
 
 
 class AggregatorService:
@@ -81,7 +61,7 @@ class AggregatorService:
         self.endpoint = Endpoint(pc.identity, pc.directory, broker, ep_cfg)
         self.endpoint.on_reject = self._on_bridge_reject
         self._current_round = 0
-        ctx = _ServerContext(str(self.state_dir), config.seed, config.models, config.public_data)
+        ctx = ServerContext(str(self.state_dir), config.seed, config.models, config.public_data, config.llm)
         self.algorithm = registry.get(config.algorithm).server(config.algorithm_config, ctx)
         self._stop = threading.Event()
 
@@ -325,7 +305,7 @@ class AggregatorService:
         refs = {n: self.endpoint.broadcast_blob(clients, b, kind=n, round=self.cfg.rounds).to_json()
                 for n, b in blobs.items()}
         for c in clients:
-            self.endpoint.send(c, Note("done", {"downloads": refs, "config": self.cfg.algorithm_config,
+            self.endpoint.send(c, Note("done", {"downloads": refs, "config": self.algorithm.client_config(),
                                                 "algorithm": self.cfg.algorithm, "rounds": self.cfg.rounds,
                                                 "stop": self.cfg.stop_clients_when_done}, round=self.cfg.rounds),
                                round=self.cfg.rounds)

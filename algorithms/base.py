@@ -94,6 +94,7 @@ class ServerContext(Protocol):
 
     def model_path(self, role: str) -> str: ...  # "slm", "llm": local checkpoints the service holds
     def public_data(self) -> list: ...  # the auxiliary / public set D_p
+    def llm(self) -> Any: ...  # the large model backend (local weights or black box), built once
     def log(self, msg: str) -> None: ...
 
 
@@ -126,6 +127,10 @@ class ServerAlgorithm(ABC):
 
     def final_blobs(self, state: State) -> dict[str, bytes]:
         """What clients receive after the last round to apply the federation's result."""
+        return {}
+
+    def client_config(self) -> dict:
+        """The JSON config a client half needs (``Task.config``, and with the final blobs)."""
         return {}
 
 

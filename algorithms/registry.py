@@ -11,6 +11,8 @@ from .base import AlgorithmError
 #: name -> "module:ServerClass:ClientClass"
 _REGISTRY: dict[str, str] = {
     "fedavg": "algorithms.fedavg:FedAvgServer:FedAvgClient",
+    "fedcollm": "algorithms.fedcollm:FedCoLLMServer:FedCoLLMClient",
+    "fedpt": "algorithms.fedpt:FedPTServer:FedPTClient",
 }
 
 

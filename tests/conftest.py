@@ -116,3 +116,13 @@ def one_torch_thread():
     yield
     torch.set_num_threads(n)
 
+
+
+@pytest.fixture(scope="session")
+def tiny_llm_path(tmp_path_factory):
+    """A wider, deeper tiny Llama with the SAME tokenizer as ``tiny_llama_path`` (the tokenizer
+    is trained deterministically on the same corpus): the "LLM" of FedCoLLM/FedPT tests."""
+    from tests.tiny_models import make_tiny_llama
+
+    return make_tiny_llama(tmp_path_factory.mktemp("tiny-llm"), hidden=96, layers=3, heads=4, kv_heads=2,
+                           intermediate=192, seed=1)

@@ -35,8 +35,11 @@ class FedAvgServer(ServerAlgorithm):
         peft_model = attach_lora(model, self.config.lora_spec(), seed=self.config.lora_seed)
         return {k: v.numpy().astype(np.float32) for k, v in adapter_state(peft_model).items()}
 
+    def client_config(self) -> dict:
+        return self.config.to_dict()
+
     def plan_round(self, round: int, state: State) -> RoundPlan:
-        return RoundPlan(config=self.config.to_dict(),
+        return RoundPlan(config=self.client_config(),
                          blobs={"global": pack_state(wire_cast(state, self.config.wire_dtype))})
 
     def update_spec_state(self, state: State) -> State:

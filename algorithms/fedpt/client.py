@@ -1,0 +1,9 @@
+from __future__ import annotations
+
+from algorithms.fedavg.client import FedAvgClient
+
+
+class FedPTClient(FedAvgClient):
+    """The device half is FedAvg-LoRA's; proxy-tuning and its distillation run on the server."""
+
+    name = "fedpt"

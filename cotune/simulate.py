@@ -1,0 +1,78 @@
+"""In-process federation: the same server and client halves, validation and aggregation rules as
+the real services, without the wire. Used by the contract tests and the quality benchmarks,
+where what is measured is the algorithm, not the transport (the transport has its own tests
+and benchmarks; ``cotune demo`` runs the algorithms over the encrypted wire).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from aggregator.aggregation import make_aggregator
+from aggregator.context import ServerContext
+from aggregator.validation import UpdateSpec, validate_update
+from algorithms import registry
+from algorithms.base import State
+from bridge.messages import Task
+from edge_sdk.context import DeviceContext
+
+
+@dataclass
+class SimRound:
+    round: int
+    clients: dict = field(default_factory=dict)  # party -> report metrics
+    server: dict = field(default_factory=dict)
+    seconds: float = 0.0
+
+
+@dataclass
+class SimResult:
+    state: State
+    rounds: list[SimRound]
+    final: dict  # party -> metrics of apply_final
+    server: Any  # the server half (holds its models, for evaluation)
+
+
+def simulate(algorithm: str, config: Mapping[str, Any], server_ctx: ServerContext,
+             clients: list[DeviceContext], rounds: int, *, aggregation: str = "fedavg",
+             progress: Callable[[str], Any] | None = print,
+             after_round: Callable[[int, State, Any], None] | None = None,
+             apply_final: bool = True) -> SimResult:
+    spec = registry.get(algorithm)
+    server = spec.server(dict(config), server_ctx)
+    halves = {c.party_id: spec.client() for c in clients}
+    say = progress or (lambda *_: None)
+    state = server.initial_state()
+    history: list[SimRound] = []
+    for r in range(1, rounds + 1):
+        t0 = time.perf_counter()
+        plan = server.plan_round(r, state)
+        uspec = UpdateSpec.from_state(server.update_spec_state(state))
+        agg = make_aggregator(aggregation)
+        agg.begin(uspec)
+        rec = SimRound(r)
+        task = Task(round=r, algorithm=algorithm, config=plan.config)
+        for ctx in clients:
+            ctx.round = r
+            report = halves[ctx.party_id].run(task, plan.blobs, ctx)
+            checked = validate_update(report.tensors, uspec, client=ctx.party_id)
+            agg.add(ctx.party_id, checked.tensors, weight=server.update_weight(report.metrics, report.num_examples))
+            rec.clients[ctx.party_id] = report.metrics
+            say(f"round {r}: {ctx.party_id} trained on {report.num_examples} examples")
+        outcome = server.finish_round(r, state, agg.result(cast=False))
+        state = outcome.state
+        rec.server = outcome.metrics
+        rec.seconds = time.perf_counter() - t0
+        history.append(rec)
+        say(f"round {r}: done in {rec.seconds:.1f}s")
+        if after_round is not None:
+            after_round(r, state, server)
+    final = {}
+    if apply_final:
+        blobs = server.final_blobs(state)
+        for ctx in clients:
+            final[ctx.party_id] = halves[ctx.party_id].apply_final(blobs, ctx, server.client_config())
+    return SimResult(state, history, final, server)
