@@ -171,13 +171,23 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("rest", nargs=argparse.REMAINDER)
     s.set_defaults(func=_plan)
 
+    s = sub.add_parser("llm", help="serve a local model through the OpenAI-compatible completions API", add_help=False)
+    s.add_argument("rest", nargs=argparse.REMAINDER)
+    s.set_defaults(func=_llm)
+
     s = sub.add_parser("zoo", help="build / inspect the project's tiny pretrained model zoo")
     s.add_argument("zoo_args", nargs=argparse.REMAINDER, help="e.g. build [--quick]")
     s.set_defaults(func=_zoo)
     return p
 
 
-_PASSTHROUGH = {"profiles": _profiles, "plan": _plan, "zoo": _zoo}
+def _llm(args) -> int:
+    from aggregator.llm_server import llm_cli
+
+    return llm_cli(args.rest)
+
+
+_PASSTHROUGH = {"profiles": _profiles, "plan": _plan, "zoo": _zoo, "llm": _llm}
 
 
 def main(argv: list[str] | None = None) -> int:

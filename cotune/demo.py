@@ -28,6 +28,22 @@ ALGORITHM_DEFAULTS = {
         "wire_dtype": "fp16", "eval_block_size": 64,
     },
 }
+ALGORITHM_DEFAULTS["fedcollm"] = {
+    **ALGORITHM_DEFAULTS["fedavg"],
+    "llm_lora": {"r": 8, "alpha": 16, "dropout": 0.0},
+    "distill": {"epochs": 1, "batch_size": 8, "block_size": 64, "lr": 2e-3, "lr_llm": 2e-3, "lambda_kd": 1.0,
+                "task_weight": 1.0, "max_steps": 40},
+}
+ALGORITHM_DEFAULTS["fedpt"] = {
+    **ALGORITHM_DEFAULTS["fedavg"],
+    "alpha": 1.0,
+    "distill": {"epochs": 1, "batch_size": 8, "block_size": 64, "lr": 2e-3, "lambda_kd": 1.0, "task_weight": 0.0,
+                "max_steps": 40},
+}
+#: the demo's LLM: FedCoLLM co-tunes local weights; FedPT sees only a black box, served here by
+#: `cotune llm serve` (vLLM would take its place) and reached over HTTP with top-k logprobs
+DEMO_LLM_BACKEND = {"fedcollm": "local", "fedpt": "blackbox"}
+BLACKBOX_TOP_K = 64
 
 
 def _algorithm_config(algorithm: str, quick: bool) -> dict:
@@ -36,12 +52,14 @@ def _algorithm_config(algorithm: str, quick: bool) -> dict:
     cfg = json.loads(json.dumps(ALGORITHM_DEFAULTS[algorithm]))
     if quick:
         cfg["train"]["max_steps"] = 15
+        if "distill" in cfg:
+            cfg["distill"]["max_steps"] = 15
     return cfg
 
 
 def run_demo(args) -> int:
     from algorithms.zoo import build_zoo
-    from algorithms.zoo.datasets import domains
+    from algorithms.zoo.datasets import domain_split, domains
 
     out = Path(args.out).resolve()
     if out.exists():
@@ -68,8 +86,26 @@ def run_demo(args) -> int:
         "rounds": args.rounds, "min_clients": args.clients, "round_deadline_s": 900, "wait_for_clients_s": 120,
         "models": {"slm": str(slm), "llm": str(zoo["llm"])}, "broker": over, "final_wait_s": 120,
     }
+    procs = {}
+    backend = DEMO_LLM_BACKEND.get(args.algorithm)
+    if backend:
+        # D_a: the public slice of every client's domain (the papers' in-distribution public set)
+        per_domain = 40 if args.quick else 120
+        agg_cfg["public_data"] = [t for d in doms[: args.clients] for t in domain_split(d, "public")[:per_domain]]
+    if backend == "blackbox":
+        from bridge.broker import free_port
+
+        port = free_port()
+        procs["llm"] = _spawn(["llm", "serve", "--model", str(zoo["llm"]), "--port", str(port)], out, "llm")
+        _wait_http(f"http://127.0.0.1:{port}/health", procs["llm"])
+        agg_cfg["llm"] = {"backend": "blackbox", "url": f"http://127.0.0.1:{port}", "tokenizer": str(zoo["llm"]),
+                          "top_k": BLACKBOX_TOP_K}
+        print(f"black-box LLM: `cotune llm serve` on port {port}; the aggregator sees top-{BLACKBOX_TOP_K} "
+              "log-probabilities only", flush=True)
+    elif backend == "local":
+        agg_cfg["llm"] = {"backend": "local"}
     (out / "aggregator.json").write_text(json.dumps(agg_cfg, indent=2))
-    procs = {"aggregator": _spawn(["aggregator", "serve", "--config", str(out / "aggregator.json")], out, "aggregator")}
+    procs["aggregator"] = _spawn(["aggregator", "serve", "--config", str(out / "aggregator.json")], out, "aggregator")
     domain_of = {}
     for i, name in enumerate(names):
         domain_of[name] = doms[i]
@@ -114,6 +150,21 @@ def _spawn(argv: list[str], out: Path, name: str) -> subprocess.Popen:
                             env=env)
 
 
+def _wait_http(url: str, proc: subprocess.Popen, timeout: float = 120.0) -> None:
+    import urllib.request
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"the LLM server exited ({proc.returncode}); see its log")
+        try:
+            urllib.request.urlopen(url, timeout=2).read()
+            return
+        except OSError:
+            time.sleep(0.5)
+    raise SystemExit(f"the LLM server did not answer {url} within {timeout:.0f}s")
+
+
 def _follow(procs: dict, db: Path, rounds: int) -> int:
     """Per-round progress lines while the processes run; returns the aggregator's exit code."""
     from aggregator.state import StateStore
@@ -121,7 +172,7 @@ def _follow(procs: dict, db: Path, rounds: int) -> int:
     shown = 0
     agg = procs["aggregator"]
     reported: set[str] = set()
-    clients = [n for n in procs if n != "aggregator"]
+    clients = [n for n in procs if n not in ("aggregator", "llm")]
     while agg.poll() is None:
         time.sleep(1.0)
         dead = [n for n in clients if procs[n].poll() not in (None, 0)]

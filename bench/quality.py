@@ -1,0 +1,312 @@
+"""Quality of the knowledge transfer, every baseline computed in the same run.
+
+Setup: the zoo's LLM (6.7M) and Llama SLM (1.4M) share tokenizer t1. One client per bundled
+text domain (non-IID); each holds its domain's private split. The aggregator's public set D_a
+is the public slice of every client domain. Metric: mean held-out token NLL per domain (test
+split), averaged over the domains; perplexity and next-token accuracy beside it. Dev splits
+choose alpha (FedPT) and early stopping of the centralized baseline; the test split is touched
+only for the reported figures.
+
+Baselines: zero-shot; standalone (each client alone: FedAvg with one client, the same rounds
+and steps); FedAvg (all clients); centralized (LoRA on the union of all private data plus
+D_a, best dev checkpoint; for FedPT this is "the directly tuned LLM").
+
+Figures (last line ``BENCH quality {...}``):
+- fedcollm: ``llm_gap_closed`` = (nll_base - nll_fedcollm) / (nll_base - nll_centralized) for
+  the LLM; ``slm_vs_standalone``, ``slm_vs_fedavg`` = mean over clients of the client's SLM
+  perplexity under FedCoLLM / under the baseline (< 1 is better).
+- fedpt: ``proxy_gap_closed`` = (nll_LLM_base - nll_proxy) / (nll_LLM_base - nll_LLM_tuned) at
+  the alpha chosen on dev; ``slm_vs_standalone``/``slm_vs_fedavg`` for its distilled SLM.
+
+    python bench/quality.py --algorithm fedcollm,fedpt --quick
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+QUICK_DOMAINS = ["food", "law", "literature", "sports"]
+ALPHAS = [0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0]
+
+
+def settings(quick: bool) -> dict:
+    lora = {"r": 8, "alpha": 16, "dropout": 0.0}
+    train = {"lr": 3e-3, "epochs": 100, "batch_size": 8, "block_size": 64, "max_steps": 20 if quick else 40,
+             "warmup": 2}
+    distill = {"epochs": 100, "batch_size": 8, "block_size": 64, "lr": 2e-3, "max_steps": 30 if quick else 60}
+    return {
+        "rounds": 3 if quick else 5,
+        "domains": QUICK_DOMAINS if quick else None,
+        "private_limit": 120 if quick else None,
+        "eval_limit": 40 if quick else None,
+        "fedavg": {"lora": lora, "train": train, "eval_block_size": 64},
+        "fedcollm": {"lora": lora, "train": train, "eval_block_size": 64, "llm_lora": lora,
+                     "distill": {**distill, "lr_llm": 3e-3, "lambda_kd": 1.0, "task_weight": 1.0}},
+        "fedpt": {"lora": lora, "train": train, "eval_block_size": 64, "alpha": 1.0,
+                  "distill": {**distill, "lambda_kd": 1.0, "task_weight": 0.0}},
+        "central": {"lr": 3e-3, "batch_size": 8, "block_size": 64, "chunk_steps": 20 if quick else 40,
+                    "max_chunks": 6 if quick else 10},
+    }
+
+
+class Bench:
+    def __init__(self, args):
+        import torch
+
+        torch.set_num_threads(args.threads)
+        from algorithms.zoo import build_zoo
+        from algorithms.zoo.datasets import domain_split, domains
+
+        self.args = args
+        self.s = settings(args.quick)
+        if args.rounds:
+            self.s["rounds"] = args.rounds
+        self.zoo = build_zoo(quick=False, progress=True)
+        self.slm_path, self.llm_path = str(self.zoo["slm-llama"]), str(self.zoo["llm"])
+        self.domains = self.s["domains"] or domains()
+        lim, elim = self.s["private_limit"], self.s["eval_limit"]
+        self.private = {d: domain_split(d, "private")[:lim] for d in self.domains}
+        self.public = [t for d in self.domains for t in domain_split(d, "public")]
+        self.dev = {d: domain_split(d, "dev")[:elim] for d in self.domains}
+        self.test = {d: domain_split(d, "test")[:elim] for d in self.domains}
+        self.results: dict = {"settings": self.s, "domains": self.domains}
+        self.t0 = time.time()
+
+    def say(self, msg: str) -> None:
+        print(f"[quality {time.time() - self.t0:7.1f}s] {msg}", flush=True)
+
+    # -- evaluation -----------------------------------------------------------------------------
+    def eval_domains(self, model, tok, split: str = "test") -> dict:
+        from algorithms.core.textdata import evaluate_nll
+
+        data = self.test if split == "test" else self.dev
+        out = {}
+        for d in self.domains:
+            r = evaluate_nll(model, tok, data[d], block_size=64, batch_size=16)
+            out[d] = {"nll": r.nll, "ppl": r.ppl, "acc": r.accuracy}
+        return out
+
+    @staticmethod
+    def mean(per_domain: dict, key: str = "nll") -> float:
+        return sum(v[key] for v in per_domain.values()) / len(per_domain)
+
+    # -- baselines ------------------------------------------------------------------------------
+    def zero_shot(self) -> None:
+        from algorithms.core.modeling import load_causal_lm
+
+        for role, path in (("llm", self.llm_path), ("slm", self.slm_path)):
+            m, tok, _ = load_causal_lm(path)
+            self.results[f"{role}_zero_shot"] = self.eval_domains(m, tok)
+            self.say(f"{role} zero-shot: mean test NLL {self.mean(self.results[f'{role}_zero_shot']):.4f}")
+
+    def centralized_llm(self) -> None:
+        """LoRA on the union of every client's private data plus D_a; the dev-best checkpoint."""
+        from algorithms.core.modeling import LoraSpec, adapter_state, attach_lora, load_adapter_state, load_causal_lm
+        from algorithms.core.textdata import TokenizedDataset
+        from algorithms.core.training import TrainConfig, train_causal_lm
+
+        c = self.s["central"]
+        m, tok, _ = load_causal_lm(self.llm_path)
+        m = attach_lora(m, LoraSpec.from_dict(self.s["fedavg"]["lora"]), seed=0)
+        union = [t for d in self.domains for t in self.private[d]] + self.public
+        ds = TokenizedDataset(tok, union, c["block_size"], seed=0)
+        best, best_state, history = math.inf, None, []
+        for chunk in range(c["max_chunks"]):
+            cfg = TrainConfig(lr=c["lr"], batch_size=c["batch_size"], max_steps=c["chunk_steps"], epochs=100,
+                              schedule="constant", seed=chunk)
+            train_causal_lm(m, ds, cfg, progress=None)
+            dev = self.mean(self.eval_domains(m, tok, "dev"))
+            history.append(dev)
+            self.say(f"centralized LLM: {(chunk + 1) * c['chunk_steps']} steps, dev NLL {dev:.4f}")
+            if dev < best - 1e-4:
+                best, best_state = dev, adapter_state(m)
+            elif chunk >= 2 and dev > best + 0.01:
+                break
+        load_adapter_state(m, best_state)
+        self.results["llm_centralized"] = self.eval_domains(m, tok)
+        self.results["llm_centralized_dev_curve"] = history
+        self.say(f"centralized LLM: test NLL {self.mean(self.results['llm_centralized']):.4f}")
+
+    def _clients(self, names=None):
+        from edge_sdk.context import DeviceContext
+
+        names = names or self.domains
+        return [DeviceContext(d, self.slm_path, self.private[d], self.test[d], progress=None) for d in names]
+
+    def _server_ctx(self, llm=None):
+        from aggregator.context import ServerContext
+
+        return ServerContext("/tmp", 0, {"slm": self.slm_path, "llm": self.llm_path}, self.public, {"backend": "local"},
+                             llm_backend=llm)
+
+    def _final_slm(self, res) -> dict:
+        return {d: {"nll": m["nll_final"], "ppl": m["ppl_final"], "acc": m["acc_final"]} for d, m in res.final.items()}
+
+    def standalone(self) -> None:
+        from cotune.simulate import simulate
+
+        out = {}
+        for d in self.domains:
+            res = simulate("fedavg", self.s["fedavg"], self._server_ctx(), self._clients([d]), self.s["rounds"],
+                           progress=None)
+            out.update(self._final_slm(res))
+        self.results["slm_standalone"] = out
+        self.say(f"standalone SLMs: mean test NLL {self.mean(out):.4f}")
+
+    def fedavg(self) -> None:
+        from cotune.simulate import simulate
+
+        res = simulate("fedavg", self.s["fedavg"], self._server_ctx(), self._clients(), self.s["rounds"],
+                       progress=None, after_round=lambda r, *_: self.say(f"fedavg round {r} done"))
+        self.results["slm_fedavg"] = self._final_slm(res)
+        self.say(f"FedAvg SLM: mean test NLL {self.mean(self.results['slm_fedavg']):.4f}")
+
+    # -- the algorithms -------------------------------------------------------------------------
+    def fedcollm(self) -> None:
+        from aggregator.llm import LocalLLM
+        from cotune.simulate import simulate
+
+        llm = LocalLLM(self.llm_path)
+        curve = []
+
+        def after(r, state, server):
+            m = server.llm_with(state)
+            curve.append(self.mean(self.eval_domains(m, llm.tokenizer(), "dev")))
+            self.say(f"fedcollm round {r}: LLM dev NLL {curve[-1]:.4f}")
+
+        res = simulate("fedcollm", self.s["fedcollm"], self._server_ctx(llm), self._clients(), self.s["rounds"],
+                       progress=None, after_round=after)
+        self.results["slm_fedcollm"] = self._final_slm(res)
+        self.results["llm_fedcollm"] = self.eval_domains(res.server.llm_with(res.state), llm.tokenizer())
+        self.results["llm_fedcollm_dev_curve"] = curve
+        self.say(f"FedCoLLM: LLM test NLL {self.mean(self.results['llm_fedcollm']):.4f}, "
+                 f"SLM {self.mean(self.results['slm_fedcollm']):.4f}")
+
+    def fedpt(self) -> None:
+        from aggregator.llm import LocalLLM
+        from algorithms.fedpt import evaluate_proxy
+        from cotune.simulate import simulate
+
+        llm = LocalLLM(self.llm_path)
+        res = simulate("fedpt", self.s["fedpt"], self._server_ctx(llm), self._clients(), self.s["rounds"],
+                       progress=None, after_round=lambda r, *_: self.say(f"fedpt round {r} done"))
+        self.results["slm_fedpt"] = self._final_slm(res)
+        expert = res.server.expert_with(res.state)
+        tok = llm.tokenizer()
+        dev = {d: evaluate_proxy(llm, expert, tok, self.dev[d], ALPHAS, block_size=64) for d in self.domains}
+        dev_mean = {a: sum(dev[d][a].nll for d in self.domains) / len(self.domains) for a in ALPHAS}
+        alpha = min(ALPHAS, key=lambda a: dev_mean[a])
+        test = {d: evaluate_proxy(llm, expert, tok, self.test[d], [alpha], block_size=64)[alpha] for d in self.domains}
+        self.results["proxy_dev_by_alpha"] = dev_mean
+        self.results["proxy_alpha"] = alpha
+        self.results["llm_proxy"] = {d: {"nll": r.nll, "ppl": r.ppl, "acc": r.accuracy} for d, r in test.items()}
+        self.say(f"FedPT: alpha {alpha} chosen on dev ({', '.join(f'{a}: {v:.3f}' for a, v in dev_mean.items())}); "
+                 f"proxy test NLL {self.mean(self.results['llm_proxy']):.4f}")
+
+    # -- figures --------------------------------------------------------------------------------
+    def ratio_ppl(self, a: str, b: str) -> float:
+        ra, rb = self.results[a], self.results[b]
+        return sum(ra[d]["ppl"] / rb[d]["ppl"] for d in self.domains) / len(self.domains)
+
+    def figures(self, algos: list[str]) -> dict:
+        r, m = self.results, self.mean
+        out = {"domains": len(self.domains), "rounds": self.s["rounds"],
+               "nll_llm_base": round(m(r["llm_zero_shot"]), 4), "nll_llm_centralized": round(m(r["llm_centralized"]), 4),
+               "nll_slm_base": round(m(r["slm_zero_shot"]), 4), "nll_slm_standalone": round(m(r["slm_standalone"]), 4),
+               "nll_slm_fedavg": round(m(r["slm_fedavg"]), 4)}
+        gap = m(r["llm_zero_shot"]) - m(r["llm_centralized"])
+        if "fedcollm" in algos:
+            out["fedcollm"] = {
+                "llm_gap_closed": round((m(r["llm_zero_shot"]) - m(r["llm_fedcollm"])) / gap, 4),
+                "nll_llm": round(m(r["llm_fedcollm"]), 4), "nll_slm": round(m(r["slm_fedcollm"]), 4),
+                "slm_vs_standalone": round(self.ratio_ppl("slm_fedcollm", "slm_standalone"), 4),
+                "slm_vs_fedavg": round(self.ratio_ppl("slm_fedcollm", "slm_fedavg"), 4),
+                "acc_llm": round(m(r["llm_fedcollm"], "acc"), 4)}
+        if "fedpt" in algos:
+            out["fedpt"] = {
+                "proxy_gap_closed": round((m(r["llm_zero_shot"]) - m(r["llm_proxy"])) / gap, 4),
+                "alpha": r["proxy_alpha"], "nll_proxy": round(m(r["llm_proxy"]), 4),
+                "nll_slm": round(m(r["slm_fedpt"]), 4),
+                "slm_vs_standalone": round(self.ratio_ppl("slm_fedpt", "slm_standalone"), 4),
+                "slm_vs_fedavg": round(self.ratio_ppl("slm_fedpt", "slm_fedavg"), 4),
+                "acc_proxy": round(m(r["llm_proxy"], "acc"), 4)}
+        for a in algos:  # flat keys for the single-algorithm case the issue names
+            if len(algos) == 1:
+                out.update(out.pop(a))
+        return out
+
+    def plot(self, path: Path, algos: list[str]) -> None:
+        try:
+            import matplotlib
+
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+        except ImportError:
+            return
+        r = self.results
+        rows = [("LLM zero-shot", "llm_zero_shot"), ("LLM centralized", "llm_centralized")]
+        if "fedcollm" in algos:
+            rows.append(("LLM FedCoLLM", "llm_fedcollm"))
+        if "fedpt" in algos:
+            rows.append((f"LLM proxy (a={r['proxy_alpha']})", "llm_proxy"))
+        rows += [("SLM zero-shot", "slm_zero_shot"), ("SLM standalone", "slm_standalone"), ("SLM FedAvg", "slm_fedavg")]
+        if "fedcollm" in algos:
+            rows.append(("SLM FedCoLLM", "slm_fedcollm"))
+        if "fedpt" in algos:
+            rows.append(("SLM FedPT", "slm_fedpt"))
+        fig, ax = plt.subplots(figsize=(9, 4.5))
+        w = 0.8 / len(rows)
+        for i, (label, key) in enumerate(rows):
+            xs = [j + i * w for j in range(len(self.domains))]
+            ax.bar(xs, [r[key][d]["nll"] for d in self.domains], w, label=label)
+        ax.set_xticks([j + 0.4 - w / 2 for j in range(len(self.domains))])
+        ax.set_xticklabels(self.domains)
+        lo = min(r[k][d]["nll"] for _, k in rows for d in self.domains)
+        ax.set_ylim(lo - 0.3, None)
+        ax.set_ylabel("held-out token NLL (nats, lower is better)")
+        ax.set_title("cotune quality benchmark: " + ", ".join(algos))
+        ax.legend(fontsize=7, ncol=2)
+        fig.tight_layout()
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--algorithm", default="fedcollm,fedpt", help="comma-separated: fedcollm, fedpt")
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--rounds", type=int, default=None)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", default="bench/results")
+    args = ap.parse_args()
+    algos = [a for a in args.algorithm.split(",") if a]
+    unknown = set(algos) - {"fedcollm", "fedpt"}
+    if unknown:
+        ap.error(f"unknown algorithms {sorted(unknown)}")
+    b = Bench(args)
+    b.zero_shot()
+    b.centralized_llm()
+    b.standalone()
+    b.fedavg()
+    for a in algos:
+        getattr(b, a)()
+    fig = b.figures(algos)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    tag = "-".join(algos) + ("-quick" if args.quick else "")
+    (out / f"quality-{tag}.json").write_text(json.dumps({"figures": fig, **b.results}, indent=2, default=str))
+    b.plot(out / f"quality-{tag}.png", algos)
+    b.say(f"wrote {out / f'quality-{tag}.json'} and .png")
+    print("BENCH quality " + json.dumps(fig), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
