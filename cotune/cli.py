@@ -171,6 +171,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("rest", nargs=argparse.REMAINDER)
     s.set_defaults(func=_plan)
 
+    s = sub.add_parser("infer", help="generate on the device: ONNX Runtime, proxy-tuned with a large model", add_help=False)
+    s.add_argument("rest", nargs=argparse.REMAINDER)
+    s.set_defaults(func=_infer)
+
     s = sub.add_parser("llm", help="serve a local model through the OpenAI-compatible completions API", add_help=False)
     s.add_argument("rest", nargs=argparse.REMAINDER)
     s.set_defaults(func=_llm)
@@ -187,7 +191,13 @@ def _llm(args) -> int:
     return llm_cli(args.rest)
 
 
-_PASSTHROUGH = {"profiles": _profiles, "plan": _plan, "zoo": _zoo, "llm": _llm}
+def _infer(args) -> int:
+    from edge_sdk.inference.cli import infer_cli
+
+    return infer_cli(args.rest)
+
+
+_PASSTHROUGH = {"profiles": _profiles, "plan": _plan, "zoo": _zoo, "llm": _llm, "infer": _infer}
 
 
 def main(argv: list[str] | None = None) -> int:

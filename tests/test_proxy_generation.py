@@ -330,3 +330,32 @@ def test_cli_proxy_speculative(tiny_llama_path, adapter, large_path, capsys):
     out, err = capsys.readouterr()
     assert rc == 0 and out.strip()
     assert "large_requests=" in err and "requests_per_token=" in err and "acceptance_rate" in err
+
+
+def test_remote_large_model_over_http_matches_local(pair, large_path):
+    """(c) of the issue: the large model behind an OpenAI-compatible logprobs endpoint. With the
+    full vocabulary requested the distributions equal the local ones, and speculative proxy
+    decoding through the endpoint gives the local tokens with fewer round trips."""
+    from aggregator.llm_server import LLMServer
+    from edge_sdk.inference.remote import RemoteLargeModel, complete_topk_np
+
+    local = LocalLargeModel.load(large_path, incremental=True)
+    v = len(pair.tokenizer)
+    ids = pair.tokenizer(PROMPT, add_special_tokens=False)["input_ids"]
+    with LLMServer(str(large_path)) as srv:
+        remote = RemoteLargeModel(srv.url, v, top_k=v, tokenizer=pair.tokenizer, model=srv.model.name)
+        got = remote.logprobs(ids, positions=3)
+        ref = local.logprobs(ids, positions=3)
+        assert got.shape == (3, v)
+        np.testing.assert_allclose(got, ref[:, :v] - np.log(np.exp(ref[:, :v]).sum(-1, keepdims=True)), atol=1e-4)
+        cfg = SamplingConfig(max_new_tokens=12, ignore_eos=True)
+        plain = ProxyGenerator(local, pair).generate(PROMPT, cfg)
+        spec = ProxyGenerator(remote, pair, speculative=3).generate(PROMPT, cfg)
+        before = remote.requests
+        spec = ProxyGenerator(remote, pair, speculative=3).generate(PROMPT, cfg)
+        assert spec.token_ids == plain.token_ids
+        assert remote.requests - before == spec.stats["large_requests"] <= 12
+    # top-k rows become normalised full distributions with the top-k kept
+    vals = np.log(np.array([[0.6, 0.3, -np.inf]]))
+    dense = complete_topk_np(vals, np.array([[2, 0, 0]]), 4)
+    np.testing.assert_allclose(np.exp(dense), [[0.3, 0.05, 0.6, 0.05]], atol=1e-6)

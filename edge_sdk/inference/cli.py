@@ -32,6 +32,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--adapter", default=None, help="peft LoRA adapter dir applied to --model")
     p.add_argument("--base", default=None, help="base (anti-expert) small model for proxy-tuning")
     p.add_argument("--large", default=None, help="local large model dir: turns on proxy-tuning")
+    p.add_argument("--large-url", default=None,
+                   help="an OpenAI-compatible completions endpoint (vLLM, `cotune llm serve`) as the large model")
+    p.add_argument("--large-top-k", type=int, default=20, help="log-probabilities per position from --large-url")
+    p.add_argument("--large-api-key-env", default=None, help="environment variable holding the endpoint's key")
     p.add_argument("--alpha", type=float, default=1.0, help="proxy strength (default 1.0)")
     p.add_argument("--prompt", required=True, help="prompt text ('-' reads stdin)")
     p.add_argument("--max-new-tokens", type=int, default=64)
@@ -106,6 +110,18 @@ def infer_cli(argv: list[str] | None = None) -> int:
             stop=tuple(ns.stop),
         )
         opts = {"backend": ns.backend, "export_dir": ns.export_dir, "threads": ns.threads}
+        if ns.large_url is not None:
+            if ns.large is not None:
+                raise InferenceError("give --large or --large-url, not both")
+            import os
+
+            from transformers import AutoTokenizer
+
+            from .remote import RemoteLargeModel
+
+            tok = AutoTokenizer.from_pretrained(ns.model)
+            key = os.environ.get(ns.large_api_key_env) if ns.large_api_key_env else None
+            ns.large = RemoteLargeModel(ns.large_url, len(tok), top_k=ns.large_top_k, api_key=key, tokenizer=tok)
         if ns.large is None:
             if ns.base is not None or ns.speculative:
                 raise InferenceError("--base and --speculative need --large (proxy-tuning)")
