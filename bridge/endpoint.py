@@ -192,9 +192,13 @@ class Endpoint:
         return blob.ref
 
     def broadcast_blob(self, recipients: list[str], source: bytes | str | os.PathLike, *, kind: str = "",
-                       round: int = 0, timeout: float = 600.0) -> BlobRef:
+                       round: int = 0, timeout: float = 600.0, push: bool = True) -> BlobRef:
         """Encrypt a blob once under a fresh content key, grant that key to each recipient
-        (direct-encrypted on its own topic), then publish the chunks once on the broadcast topic."""
+        (direct-encrypted on its own topic), then publish the chunks once on the broadcast topic.
+
+        ``push=False`` grants the key and holds the blob without publishing it: for recipients
+        that already hold this content (their cache); one that does not asks for the chunks
+        when its fetch stalls (``stall_timeout_s``) and gets them on its own topic."""
         if self.role != "aggregator":
             raise BridgeError("only the aggregator broadcasts")
         key = os.urandom(32)
@@ -204,7 +208,8 @@ class Endpoint:
         blob = OutgoingBlob(source, self.config.chunk_size, kind)
         self._outgoing.put(blob)
         self._out_meta[blob.ref.sha256] = (kid, BROADCAST, round)
-        self._publish_chunks(blob, BROADCAST, range(blob.ref.total_chunks), kid, round, timeout)
+        if push:
+            self._publish_chunks(blob, BROADCAST, range(blob.ref.total_chunks), kid, round, timeout)
         return blob.ref
 
     def _publish_chunks(self, blob: OutgoingBlob, recipient: str, indices, kid: str | None, round: int,
@@ -233,11 +238,12 @@ class Endpoint:
         except queue.Empty:
             return None
 
-    def fetch_blob(self, ref: BlobRef, sender: str, timeout: float = 600.0) -> BlobResult:
+    def fetch_blob(self, ref: BlobRef, sender: str, timeout: float = 600.0, *, round: int | None = None) -> BlobResult:
         """Wait for a blob (that may already be arriving, or may have arrived). Missing chunks
         are asked for automatically when the transfer stalls. Raises BlobIntegrityError or
-        TransportError on failure."""
-        inc = self._incoming_for(ref, sender, self.round_floor)
+        TransportError on failure. ``round``: the round the blob belongs to, used for the
+        resume requests of a blob of which no chunk arrived yet (one offered, not pushed)."""
+        inc = self._incoming_for(ref, sender, self.round_floor if round is None else round)
         inc.wanted = True
         if not inc.done.wait(timeout):
             raise TransportError(f"blob {ref.sha256[:12]} from {sender} not complete after {timeout}s "

@@ -7,6 +7,8 @@
 
 Every task is answered at most once per round: the update is cached on disk before it is sent,
 so a repeated Task (the aggregator restarted mid-round) gets the identical update again.
+Downloads are kept in a content-addressed cache (``work_dir/blobs``, see :mod:`.blob_cache`):
+a blob the client already holds (an unchanged FedBiOT emulator) is not fetched again.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from bridge.errors import BridgeError
 from bridge.messages import BlobRef, ErrorReport, Note, Task, Update
 from bridge.provision import load_party_config
 
+from .blob_cache import DEFAULT_MAX_BYTES, BlobCache
 from .context import DeviceContext
 
 log = logging.getLogger("cotune.edge")
@@ -50,7 +53,8 @@ class EdgeClient:
     def __init__(self, party_config: str | os.PathLike, model_path: str | os.PathLike, private_data: list, *,
                  eval_data: list | None = None, profile: str | None = "generic-cpu", quant: str | None = None,
                  work_dir: str | os.PathLike | None = None, broker: dict | None = None,
-                 gradient_checkpointing: bool = False, progress: Any = "log"):
+                 gradient_checkpointing: bool = False, progress: Any = "log",
+                 blob_cache_bytes: int = DEFAULT_MAX_BYTES):
         pc = load_party_config(party_config)
         self.party = pc
         self.party_id = pc.party_id
@@ -59,7 +63,9 @@ class EdgeClient:
         self.profile = profile
         self.ctx = DeviceContext(pc.party_id, model_path, private_data, eval_data,
                                  quant=resolve_quant(profile, quant), gradient_checkpointing=gradient_checkpointing,
-                                 progress=progress)
+                                 progress=progress, work_dir=self.work_dir / "workspace")
+        self.blob_cache = BlobCache(self.work_dir / "blobs", max_bytes=blob_cache_bytes)
+        self.blob_stats = {"fetched": 0, "fetched_bytes": 0, "cache_hits": 0, "cache_hit_bytes": 0}
         self.endpoint = Endpoint(pc.identity, pc.directory, broker_config_for(pc, **(broker or {})),
                                  EndpointConfig(max_message_bytes=pc.max_packet_bytes, spill_dir=str(self.work_dir)))
         self.aggregator_id = pc.directory.aggregator()
@@ -111,11 +117,11 @@ class EdgeClient:
             log.warning("%s: task for round %d arrived after its deadline; skipped", self.party_id, task.round)
             return
         t0 = time.time()
-        downloads = {}
+        downloads, cached_names = {}, []
         for name in task.downloads:
-            res = self.endpoint.fetch_blob(task.blob(name), sender, timeout=600)
-            downloads[name] = bytes(res.read())
-            res.discard()
+            downloads[name], hit = self._download(task.blob(name), sender, task.round)
+            if hit:
+                cached_names.append(name)
         algo = registry.get(task.algorithm).client()
         self._algorithm = (algo, task.config)
         self.ctx.round = task.round
@@ -125,7 +131,7 @@ class EdgeClient:
         metrics = {**report.metrics, "seconds": round(time.time() - t0, 3), "peak_memory_bytes": peak.peak_bytes,
                    "peak_memory_kind": peak.kind, # since the previous round ended: the broadcast blobs and key grant precede the Task
                    "bytes_down": self.endpoint.transport.stats.bytes_in - self._wire_mark[0],
-                   "quant": self.ctx.quant}
+                   "quant": self.ctx.quant, "blobs_from_cache": cached_names}
         inline = len(payload) + 2 * ENVELOPE_OVERHEAD + 4096 < self.endpoint.config.max_message_bytes
         update = Update(round=task.round, algorithm=task.algorithm, num_examples=report.num_examples,
                         metrics=metrics, tensors=report.tensors if inline else {})
@@ -145,6 +151,24 @@ class EdgeClient:
         log.info("%s: round %d update sent (%d examples, %.1fs)", self.party_id, task.round, report.num_examples,
                  time.time() - t0)
 
+    def _download(self, ref: BlobRef, sender: str, round: int, timeout: float = 600) -> tuple[bytes, bool]:
+        """A blob's bytes and whether they came from the cache; fetched blobs are cached."""
+        data = self.blob_cache.get(ref.sha256)
+        if data is not None and len(data) == ref.size:
+            self.blob_stats["cache_hits"] += 1
+            self.blob_stats["cache_hit_bytes"] += len(data)
+            return data, True
+        res = self.endpoint.fetch_blob(ref, sender, timeout=timeout, round=round)
+        data = bytes(res.read())
+        res.discard()
+        self.blob_stats["fetched"] += 1
+        self.blob_stats["fetched_bytes"] += len(data)
+        try:
+            self.blob_cache.put(ref.sha256, data)
+        except (OSError, ValueError) as exc:  # a full disk must not fail the round
+            log.warning("%s: could not cache blob %s: %s", self.party_id, ref.sha256[:12], exc)
+        return data, False
+
     def _send_update(self, update: Update, blob_path: Path) -> None:
         if not update.tensors and blob_path.exists():
             ref: BlobRef = self.endpoint.send_blob(self.aggregator_id, blob_path, kind="update", round=update.round)
@@ -156,12 +180,10 @@ class EdgeClient:
         downloads = {}
         for name, ref in note.data.get("downloads", {}).items():
             try:
-                res = self.endpoint.fetch_blob(BlobRef.from_json(ref), sender, timeout=600)
+                downloads[name], _ = self._download(BlobRef.from_json(ref), sender, note.round)
             except BridgeError as exc:
                 log.warning("%s: could not fetch the final %s: %s", self.party_id, name, exc)
                 return
-            downloads[name] = bytes(res.read())
-            res.discard()
         algo = registry.get(note.data.get("algorithm", "fedavg")).client()
         self._algorithm = (algo, note.data.get("config", {}))
         self.final = algo.apply_final(downloads, self.ctx, note.data.get("config", {}))
@@ -177,7 +199,7 @@ class EdgeClient:
         standard peft format: ``PeftModel.from_pretrained(base, out_dir)`` loads it."""
         if self.ctx._peft is None:
             raise RuntimeError("no adapter yet: run the federation first")
-        return save_peft_adapter(self.ctx._peft, self.ctx.model_path, out_dir)
+        return save_peft_adapter(self.ctx._peft, self.ctx.base_path, out_dir)
 
     def adapter_state(self) -> dict:
         return adapter_state(self.ctx._peft)

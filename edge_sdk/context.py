@@ -1,14 +1,21 @@
 """The device-side runtime context handed to an algorithm's client half: the model (loaded
 once, quantized as the device profile allows, LoRA attached), the private data, training and
-evaluation. Private data never leaves this object except as what the algorithm computes."""
+evaluation. Private data never leaves this object except as what the algorithm computes.
+
+The base model is the device's own ``model_path`` unless an algorithm switches it with
+:meth:`DeviceContext.use_base` (FedBiOT trains on the emulator the aggregator sends); files an
+algorithm keeps across rounds (such as that emulator) live under :meth:`DeviceContext.workspace`."""
 
 from __future__ import annotations
 
+import json
 import logging
+import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from algorithms.core.modeling import LoraSpec, attach_lora, load_causal_lm, lora_spec_of
+from algorithms.core.modeling import LoraSpec, attach_lora, load_causal_lm
 from algorithms.core.textdata import EvalResult, evaluate_nll
 from algorithms.core.training import TrainConfig, TrainResult, train_causal_lm
 
@@ -18,10 +25,14 @@ log = logging.getLogger("cotune.edge")
 class DeviceContext:
     def __init__(self, party_id: str, model_path: str | Path, private_data: list, eval_data: list | None = None, *,
                  quant: str = "fp32", device: str = "cpu", gradient_checkpointing: bool = False,
-                 progress: Any = "log", eval_batch_size: int = 8):
+                 progress: Any = "log", eval_batch_size: int = 8, work_dir: str | Path | None = None):
         self.party_id = party_id
         self.round = 0
-        self.model_path = str(model_path)
+        self.model_path = str(model_path)  # the device's own model
+        self.base_path = self.model_path  # what model() loads now (see use_base)
+        self._work_dir = Path(work_dir) if work_dir is not None else None
+        self._tmp: tempfile.TemporaryDirectory | None = None
+        self._peft_key: str | None = None
         self._private = list(private_data)
         self._eval = list(eval_data or [])
         self.quant, self.device = quant, device
@@ -36,23 +47,49 @@ class DeviceContext:
     def _load_base(self) -> None:
         if self._base is None:
             self._base, self._tok, self.load_report = load_causal_lm(
-                self.model_path, quant=self.quant, device=self.device,
+                self.base_path, quant=self.quant, device=self.device,
                 gradient_checkpointing=self.gradient_checkpointing)
             for note in self.load_report.notes:
                 log.warning("%s: %s", self.party_id, note)
 
-    def model(self, lora: LoraSpec) -> Any:
-        """The base model with a LoRA adapter of ``lora``'s shape (created once; a different
-        spec rebuilds the adapter)."""
-        self._load_base()
-        if self._peft is not None and lora_spec_of(self._peft).to_dict() != lora.to_dict():
+    def model(self, lora: LoraSpec, layers: Sequence[int] | None = None) -> Any:
+        """The base model with a LoRA adapter of ``lora``'s shape, on every decoder layer or only
+        on ``layers`` (indices); created once, a different spec or layer set rebuilds it."""
+        key = json.dumps([lora.to_dict(), sorted(int(i) for i in layers) if layers is not None else None])
+        if self._peft is not None and key != self._peft_key:
             log.info("%s: LoRA spec changed, re-attaching", self.party_id)
             self._peft = None
-            self._base, self._tok = None, None
-            self._load_base()
+            self._base, self._tok = None, None  # peft wrapped the old base in place
+        self._load_base()
         if self._peft is None:
-            self._peft = attach_lora(self._base, lora, seed=0)
+            if layers is None:
+                self._peft = attach_lora(self._base, lora, seed=0)
+            else:
+                from algorithms.core.emulator_train import attach_layer_lora
+
+                self._peft = attach_layer_lora(self._base, lora, layers, seed=0)
+            self._peft_key = key
         return self._peft
+
+    def use_base(self, path: str | Path | None) -> None:
+        """Load a different base model from now on (e.g. one the aggregator sent, unpacked under
+        :meth:`workspace`); None goes back to the device's own ``model_path``. The same path
+        again keeps the loaded model and adapter."""
+        new = str(path) if path is not None else self.model_path
+        if new != self.base_path:
+            log.info("%s: base model is now %s", self.party_id, new)
+            self.base_path = new
+            self._base = self._peft = self._tok = None
+            self._peft_key = None
+
+    def workspace(self) -> Path:
+        """A directory the algorithm halves may keep files in across rounds: ``work_dir`` when
+        given, else a temporary directory removed with this context."""
+        if self._work_dir is None:
+            self._tmp = tempfile.TemporaryDirectory(prefix=f"cotune-{self.party_id}-")
+            self._work_dir = Path(self._tmp.name)
+        self._work_dir.mkdir(parents=True, exist_ok=True)
+        return self._work_dir
 
     def tokenizer(self) -> Any:
         self._load_base()

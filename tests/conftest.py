@@ -126,3 +126,13 @@ def tiny_llm_path(tmp_path_factory):
 
     return make_tiny_llama(tmp_path_factory.mktemp("tiny-llm"), hidden=96, layers=3, heads=4, kv_heads=2,
                            intermediate=192, seed=1)
+
+
+@pytest.fixture(scope="session")
+def tiny_llm6_path(tmp_path_factory):
+    """A 6-layer tiny Llama with the same tokenizer as ``tiny_llama_path``: deep enough for a
+    FedBiOT emulator that really drops layers next to a 2-layer adapter."""
+    from tests.tiny_models import make_tiny_llama
+
+    return make_tiny_llama(tmp_path_factory.mktemp("tiny-llm6"), hidden=64, layers=6, heads=4, kv_heads=2,
+                           intermediate=128, seed=2)

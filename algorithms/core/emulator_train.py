@@ -63,6 +63,7 @@ __all__ = [
     "align_emulator",
     "alignment_losses",
     "attach_adapter_lora",
+    "attach_layer_lora",
     "kd_kl",
     "l2n_loss",
     "middle_block_output",
@@ -85,14 +86,24 @@ def attach_adapter_lora(
     (modules are created in the same order). Note: ``save_peft_adapter`` does not record the
     layer restriction; move adapters with :func:`~algorithms.core.modeling.adapter_state`.
     """
+    return attach_layer_lora(model, spec, adapter_layers(plan, which_model(model, plan)), seed=seed)
+
+
+def attach_layer_lora(
+    model: torch.nn.Module, spec: LoraSpec, layers: Iterable[int], *, seed: int | None = None
+) -> Any:
+    """Freeze ``model`` and put a fresh LoRA of ``spec`` on the given decoder layers only.
+
+    The plan-free form of :func:`attach_adapter_lora` (same initial values for the same layers
+    and ``seed``), for runtimes that know the layer indices but not the plan.
+    """
     from peft import PeftModel, get_peft_model
 
     if not isinstance(spec, LoraSpec):
         raise EmulatorError(f"spec must be a LoraSpec, got {type(spec).__name__}")
     if isinstance(model, PeftModel):
         raise EmulatorError("model already carries a peft adapter; attach to the base model")
-    layers = adapter_layers(plan, which_model(model, plan))
-    peft_cfg = spec.to_peft_config(model_type_of(model), **layer_lora_kwargs(model, layers))
+    peft_cfg = spec.to_peft_config(model_type_of(model), **layer_lora_kwargs(model, list(layers)))
     checkpointing = is_checkpointing(model)
     for prm in model.parameters():
         prm.requires_grad_(False)

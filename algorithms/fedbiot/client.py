@@ -1,0 +1,84 @@
+from __future__ import annotations
+
+import hashlib
+import shutil
+from collections.abc import Mapping
+from pathlib import Path
+
+from algorithms.base import ClientAlgorithm, ClientReport, unpack_state
+from algorithms.core.emulator import adapter_layers
+from algorithms.core.lora_state import from_wire, to_wire
+from algorithms.core.modeling import adapter_state, load_adapter_state
+from algorithms.fedavg.client import _eval
+
+from .config import FedBiOTConfig
+from .merge import MergedProximal
+from .payload import emulator_plan, unpack_emulator
+
+EMULATORS_DIR = "fedbiot-emulators"
+KEEP_EMULATORS = 2  # the current one and the previous (a repeated task may still name it)
+
+
+def use_emulator(blob: bytes, ctx):
+    """Unpack the emulator blob under the device's workspace (named by its SHA-256, so an
+    unchanged emulator is neither written nor loaded again), make it the context's base model
+    and return its plan."""
+    digest = hashlib.sha256(blob).hexdigest()
+    root = Path(ctx.workspace()) / EMULATORS_DIR
+    target = root / digest
+    if not target.is_dir():
+        plan = emulator_plan(blob)  # validates before anything is written
+        unpack_emulator(blob, target)
+        old = sorted(
+            (p for p in root.iterdir() if p.is_dir() and p != target),
+            key=lambda p: p.stat().st_mtime,
+        )
+        for p in old[: max(0, len(old) - (KEEP_EMULATORS - 1))]:
+            shutil.rmtree(p, ignore_errors=True)
+    else:
+        plan = emulator_plan(blob)
+    ctx.use_base(str(target))
+    return plan
+
+
+class FedBiOTClient(ClientAlgorithm):
+    """The device half: train the adapter (LoRA on the adapter layers only) through the frozen
+    emulator the aggregator sent, with the proximal term on the merged adapter, and upload it.
+    The device never holds the full LLM; its own ``model_path`` is not used."""
+
+    name = "fedbiot"
+
+    def _model(self, downloads: Mapping[str, bytes], ctx, cfg: FedBiOTConfig):
+        plan = use_emulator(downloads["emulator"], ctx)
+        model = ctx.model(cfg.lora_spec(), layers=adapter_layers(plan, "emulator"))
+        load_adapter_state(model, from_wire(unpack_state(downloads["global"])))
+        return model
+
+    def run(self, task, downloads: Mapping[str, bytes], ctx) -> ClientReport:
+        cfg = FedBiOTConfig.from_dict(task.config)
+        model = self._model(downloads, ctx, cfg)
+        before = _eval(ctx, cfg.eval_block_size)
+        data = ctx.private_data()
+        extra = MergedProximal(model, cfg.proximal_mu) if cfg.proximal_mu > 0 else None
+        result = ctx.train(data, cfg.train_config(), extra_loss=extra)
+        after = _eval(ctx, cfg.eval_block_size)
+        metrics = {
+            "train": result.to_dict(),
+            **{f"{k}_before": v for k, v in before.items()},
+            **{f"{k}_after": v for k, v in after.items()},
+        }
+        if extra is not None:
+            metrics["merged_distance"] = float(extra.distance().detach())
+        return ClientReport(
+            num_examples=len(data),
+            tensors=to_wire(adapter_state(model), cfg.wire_dtype),
+            metrics=metrics,
+        )
+
+    def apply_final(
+        self, downloads: Mapping[str, bytes], ctx, config: Mapping | None = None
+    ) -> dict:
+        """Evaluate the federation's adapter on the final emulator (adapter + emulator)."""
+        cfg = FedBiOTConfig.from_dict(dict(config or {}))
+        self._model(downloads, ctx, cfg)
+        return {f"{k}_final": v for k, v in _eval(ctx, cfg.eval_block_size).items()}

@@ -1,0 +1,136 @@
+"""edge_sdk.fit: a device's go / no-go on a task, from the planner (config.json only)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from edge_sdk.fit import (
+    DEFAULT_SEQ_LEN,
+    check_task_fits,
+    choose_defaults,
+    effective_quant,
+    workload_for_task,
+)
+from firmware_profiles import (
+    DEFAULT_APP_RESERVE_BYTES,
+    DoesNotFit,
+    UnknownProfileError,
+    Workload,
+    fmt_bytes,
+    get_profile,
+    plan,
+)
+
+# Llama-2-7B's config.json (no weights: the planner reads the config only)
+LLAMA_7B = {
+    "architectures": ["LlamaForCausalLM"],
+    "model_type": "llama",
+    "vocab_size": 32000,
+    "hidden_size": 4096,
+    "intermediate_size": 11008,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 32,
+    "max_position_embeddings": 4096,
+    "tie_word_embeddings": False,
+}
+LORA = {"r": 8, "alpha": 16, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]}
+TRAIN = {"lr": 2e-3, "batch_size": 8, "block_size": 64, "max_steps": 40}
+
+
+@pytest.fixture
+def llama7b_dir(tmp_path):
+    d = tmp_path / "llama-7b"
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps(LLAMA_7B))
+    return d
+
+
+def test_tiny_model_fits_agx_orin(tiny_llama_path):
+    d = check_task_fits("agx-orin-32gb", tiny_llama_path, LORA, TRAIN, "nf4", False)
+    assert d.fits and d.headroom_bytes > 0
+    assert d.planned_bytes == sum(d.breakdown.values())
+    assert d.budget_bytes == get_profile("agx-orin-32gb").available_bytes(DEFAULT_APP_RESERVE_BYTES)
+    assert d.message.startswith("fits:") and fmt_bytes(d.planned_bytes) in d.message
+    # the same numbers as asking the planner directly
+    w = Workload(
+        quant="nf4", lora_rank=8, batch_size=8, seq_len=64, lora_targets=("q_proj", "v_proj")
+    )
+    assert d.planned_bytes == plan(tiny_llama_path, "agx-orin-32gb", w).total_bytes
+    assert d.workload["lora_targets"] == ["q_proj", "v_proj"]
+    assert d.to_dict()["fits"] is True
+
+
+def test_7b_does_not_fit_nano_and_says_by_how_much(llama7b_dir):
+    d = check_task_fits("jetson-nano-4gb", llama7b_dir, LORA, TRAIN, "nf4", True)
+    assert not d.fits and d.planned_bytes > d.budget_bytes
+    assert d.message.startswith("does not fit:")
+    for number in (d.planned_bytes, d.budget_bytes):
+        assert str(number) in d.message and fmt_bytes(number) in d.message
+    assert fmt_bytes(d.planned_bytes - d.budget_bytes) in d.message  # short by
+    # no usable bitsandbytes on the Nano: the loader would fall back, and the plan follows it
+    assert d.workload["quant"] == "fp32" and d.workload["gradient_checkpointing"] is True
+    assert any("bitsandbytes" in n for n in d.notes)
+
+
+def test_weights_dominate_7b_and_config_dict_accepted():
+    d = check_task_fits("orin-nano-8gb", LLAMA_7B, LORA, TRAIN, "nf4", True)
+    # 6.5e9 linear params at ~0.53 B each (nf4 + double-quantized scales) > 3 GiB
+    assert d.breakdown["weights"] > 3 * (1 << 30)
+    assert max(d.breakdown, key=d.breakdown.get) == "weights"
+
+
+def test_safety_margin_can_turn_the_verdict(tiny_llama_path):
+    prof = get_profile("agx-orin-32gb")
+    exact = check_task_fits(prof, tiny_llama_path, LORA, TRAIN, "nf4")
+    reserve = prof.available_bytes(0) - exact.planned_bytes - 1  # 1 byte of headroom
+    tight = check_task_fits(prof, tiny_llama_path, LORA, TRAIN, "nf4", app_reserve_bytes=reserve)
+    assert tight.fits and tight.headroom_bytes == 1
+    margin = check_task_fits(
+        prof, tiny_llama_path, LORA, TRAIN, "nf4", app_reserve_bytes=reserve, safety_margin=0.05
+    )
+    assert not margin.fits and "safety margin" in margin.message
+
+
+def test_workload_for_task_defaults():
+    w = workload_for_task({"r": 4}, {"batch_size": 2}, "fp32")
+    assert (w.lora_rank, w.batch_size, w.seq_len, w.optimizer) == (4, 2, DEFAULT_SEQ_LEN, "adamw")
+    assert w.lora_targets is None and not w.gradient_checkpointing
+    w = workload_for_task(None, {"block_size": 32, "gradient_checkpointing": True}, "bf16")
+    assert w.lora_rank is None and w.seq_len == 32 and w.gradient_checkpointing
+    assert effective_quant(get_profile("orin-nano-8gb"), "nf4") == ("nf4", None)
+    # Volta has no bf16: the loader's fallback is fp32, as load_causal_lm does
+    q, note = effective_quant(get_profile("xavier-nx-8gb"), "int8")
+    assert q == "fp32" and "bitsandbytes" in note
+
+
+def test_choose_defaults(tiny_llama_path, llama7b_dir):
+    rec = choose_defaults("agx-orin-32gb", tiny_llama_path)
+    assert set(rec) >= {
+        "quant",
+        "batch_size",
+        "block_size",
+        "gradient_checkpointing",
+        "lora_rank",
+        "planned_bytes",
+        "budget_bytes",
+    }
+    assert rec["planned_bytes"] <= rec["budget_bytes"]
+    d = check_task_fits(
+        "agx-orin-32gb",
+        tiny_llama_path,
+        {"r": rec["lora_rank"]},
+        {"batch_size": rec["batch_size"], "block_size": rec["block_size"]},
+        rec["quant"],
+        rec["gradient_checkpointing"],
+    )
+    assert d.fits and d.planned_bytes == rec["planned_bytes"]
+    with pytest.raises(DoesNotFit):
+        choose_defaults("jetson-nano-4gb", llama7b_dir)
+
+
+def test_unknown_profile_is_typed(tiny_llama_path):
+    with pytest.raises(UnknownProfileError):
+        check_task_fits("orin-nanoo", tiny_llama_path, LORA, TRAIN, "nf4")
