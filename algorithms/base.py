@@ -7,7 +7,9 @@ helpers) and move the typed payloads the halves produce.
 
 Server half, per round:  ``plan_round`` -> Task (config + broadcast blobs) -> clients ->
 ``update_spec`` validates each update -> the runtime folds it into a streaming aggregate ->
-``finish_round`` runs the server-side step and returns the next global state.
+``finish_round`` runs the server-side step and returns the next global state. An algorithm whose
+updates must not be averaged declares ``aggregation = "collect"``: its own
+``validate_client_update`` checks each update, and ``finish_round`` receives them all.
 
 Client half, per task:   ``run(task, downloads, ctx)`` -> :class:`ClientReport`.
 """
@@ -32,6 +34,20 @@ class AlgorithmError(Exception):
 
 class ConfigError(AlgorithmError, ValueError):
     """An algorithm configuration that cannot work; the message says what to change."""
+
+
+class UpdateRejected(AlgorithmError):
+    """A client update an algorithm refuses in ``ServerAlgorithm.validate_client_update``.
+    ``reason`` is a short stable code (one of :attr:`REASONS`) that the runtime records and
+    sends back to the client as a typed rejection; ``str(err)`` says what was wrong."""
+
+    REASONS = frozenset({"names", "dtype", "shape", "non_finite", "payload", "vocabulary"})
+
+    def __init__(self, reason: str, message: str) -> None:
+        if reason not in self.REASONS:
+            raise ValueError(f"unknown rejection reason {reason!r}; use one of {sorted(self.REASONS)}")
+        self.reason = reason
+        super().__init__(message)
 
 
 def pack_state(state: Mapping[str, np.ndarray], meta: Mapping[str, str] | None = None) -> bytes:
@@ -77,7 +93,9 @@ class ClientContext(Protocol):
     party_id: str
     round: int
 
-    def model(self, lora: Any) -> Any: ...  # the base model with a LoRA adapter, loaded per device profile
+    def model(self, lora: Any, layers: Any = None) -> Any: ...  # base model + LoRA (on all or only these decoder layers), per device profile
+    def use_base(self, path: Any) -> None: ...  # switch the base model (e.g. a received emulator); None: the device's own
+    def workspace(self) -> Any: ...  # a directory (Path) for files kept across rounds, e.g. an unpacked emulator
     def tokenizer(self) -> Any: ...
     def private_data(self) -> list: ...  # texts or prompt/response pairs; never leaves the device
     def eval_data(self) -> list: ...  # held-out texts for before/after metrics (may be empty)
@@ -93,14 +111,20 @@ class ServerContext(Protocol):
     seed: int
 
     def model_path(self, role: str) -> str: ...  # "slm", "llm": local checkpoints the service holds
+    def model_roles(self) -> list[str]: ...  # every role model_path knows (e.g. "slm:gpt2" for FedMKT families)
     def public_data(self) -> list: ...  # the auxiliary / public set D_p
     def llm(self) -> Any: ...  # the large model backend (local weights or black box), built once
     def log(self, msg: str) -> None: ...
 
 
 class ServerAlgorithm(ABC):
+    """``aggregation``: "fedavg" (the default; the service config may pick another numeric rule:
+    median, trimmed_mean) or "collect": updates are not combined at all (per-client top-k
+    logits of different shapes). A collecting algorithm implements
+    :meth:`validate_client_update`; its :meth:`finish_round` receives every accepted update."""
+
     name: ClassVar[str]
-    aggregation: ClassVar[str] = "fedavg"  # default rule; the service config may override
+    aggregation: ClassVar[str] = "fedavg"
 
     def __init__(self, config: Mapping[str, Any], ctx: ServerContext):
         self.ctx = ctx
@@ -123,7 +147,18 @@ class ServerAlgorithm(ABC):
     @abstractmethod
     def finish_round(self, round: int, state: State, aggregate: State) -> RoundOutcome:
         """Server-side step after aggregation (distillation, alignment, ...). ``aggregate`` is
-        the float64 result of the aggregation rule."""
+        the float64 result of the aggregation rule; for ``aggregation = "collect"`` it is a
+        read-only mapping client id -> that client's validated tensors (loaded on access, so
+        iterate rather than hold them all; ``getattr(aggregate, "weights", {})`` gives each
+        client's ``update_weight``). Iterate it in a fixed order (sorted ids): arrival order
+        differs between runs."""
+
+    def validate_client_update(self, tensors: State, client: str) -> State:
+        """Only for ``aggregation = "collect"`` (the runtime's shape/dtype/norm checks assume
+        one spec for every client): check one client's update and return the tensors to keep;
+        raise :class:`UpdateRejected` with a reason to refuse it. The other clients' updates
+        and the round are unaffected by a rejection."""
+        raise NotImplementedError(f"{type(self).__name__} collects updates but has no validate_client_update")
 
     def final_blobs(self, state: State) -> dict[str, bytes]:
         """What clients receive after the last round to apply the federation's result."""
@@ -136,6 +171,10 @@ class ServerAlgorithm(ABC):
 
 class ClientAlgorithm(ABC):
     name: ClassVar[str]
+    #: True when the half trains the device's own model with ``Task.config["lora"]`` and
+    #: ``["train"]`` (the runtime then checks the memory plan before it starts); False when it
+    #: trains something the task brings (e.g. FedBiOT's emulator)
+    trains_device_model: ClassVar[bool] = True
 
     @abstractmethod
     def run(self, task: Any, downloads: Mapping[str, bytes], ctx: ClientContext) -> ClientReport: ...

@@ -171,6 +171,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("rest", nargs=argparse.REMAINDER)
     s.set_defaults(func=_plan)
 
+    s = sub.add_parser("profile", help="measure a real training round or generation on this device, beside the plan",
+                       add_help=False)
+    s.add_argument("rest", nargs=argparse.REMAINDER)
+    s.set_defaults(func=_profile)
+
     s = sub.add_parser("infer", help="generate on the device: ONNX Runtime, proxy-tuned with a large model", add_help=False)
     s.add_argument("rest", nargs=argparse.REMAINDER)
     s.set_defaults(func=_infer)
@@ -197,7 +202,13 @@ def _infer(args) -> int:
     return infer_cli(args.rest)
 
 
-_PASSTHROUGH = {"profiles": _profiles, "plan": _plan, "zoo": _zoo, "llm": _llm, "infer": _infer}
+def _profile(args) -> int:
+    from edge_sdk.profiler import profile_cli
+
+    return profile_cli(args.rest)
+
+
+_PASSTHROUGH = {"profiles": _profiles, "plan": _plan, "zoo": _zoo, "llm": _llm, "infer": _infer, "profile": _profile}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -116,6 +116,15 @@ class EdgeClient:
         if task.deadline and time.time() > task.deadline:
             log.warning("%s: task for round %d arrived after its deadline; skipped", self.party_id, task.round)
             return
+        refusal = self._does_not_fit(task)
+        if refusal is not None:
+            log.warning("%s: refusing round %d: %s", self.party_id, task.round, refusal)
+            self.history.append({"round": task.round, "error": "does_not_fit", "detail": refusal})
+            try:
+                self.endpoint.send(sender, ErrorReport("does_not_fit", refusal, round=task.round), round=task.round)
+            except BridgeError as exc:
+                log.warning("%s: could not tell the aggregator: %s", self.party_id, exc)
+            return
         t0 = time.time()
         downloads, cached_names = {}, []
         for name in task.downloads:
@@ -168,6 +177,29 @@ class EdgeClient:
         except (OSError, ValueError) as exc:  # a full disk must not fail the round
             log.warning("%s: could not cache blob %s: %s", self.party_id, ref.sha256[:12], exc)
         return data, False
+
+    def _does_not_fit(self, task: Task) -> str | None:
+        """The memory plan of this task on this device, checked before anything is downloaded
+        or trained: a message when it cannot fit, else None. Needs a device profile and an
+        algorithm that trains the device's own model with the task's LoRA/train config."""
+        if not self.profile or not isinstance(task.config.get("train"), dict):
+            return None
+        try:
+            algo = registry.get(task.algorithm).client
+        except Exception:
+            return None
+        if not getattr(algo, "trains_device_model", True):
+            return None
+        from .fit import check_task_fits
+
+        try:
+            d = check_task_fits(self.profile, self.ctx.model_path, task.config.get("lora") or {},
+                                task.config["train"], self.ctx.quant,
+                                bool(task.config["train"].get("gradient_checkpointing", self.ctx.gradient_checkpointing)))
+        except Exception as exc:  # a plan that cannot be made is not a reason to refuse
+            log.info("%s: no memory plan for this task (%s); training anyway", self.party_id, exc)
+            return None
+        return None if d.fits else d.message
 
     def _send_update(self, update: Update, blob_path: Path) -> None:
         if not update.tensors and blob_path.exists():

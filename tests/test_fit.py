@@ -134,3 +134,24 @@ def test_choose_defaults(tiny_llama_path, llama7b_dir):
 def test_unknown_profile_is_typed(tiny_llama_path):
     with pytest.raises(UnknownProfileError):
         check_task_fits("orin-nanoo", tiny_llama_path, LORA, TRAIN, "nf4")
+
+
+def test_edge_client_refuses_a_task_that_cannot_fit_before_downloading(make_federation, tmp_path, llama7b_dir):
+    """A 7B config on a Jetson Nano: the client answers the Task with a typed ErrorReport
+    ("does_not_fit", with the numbers) and trains nothing; a task that fits is not refused."""
+    from bridge.messages import ErrorReport, Task
+    from edge_sdk.client import EdgeClient
+
+    big = llama7b_dir
+    paths = make_federation("fitfed", ["dev1"])
+    client = EdgeClient(paths.party_config("dev1"), big, ["text"], profile="jetson-nano-4gb", quant="fp16",
+                        work_dir=tmp_path / "w", progress=None)
+    sent = []
+    client.endpoint.send = lambda to, msg, round=None: sent.append((to, msg))
+    client._download = lambda *a, **k: (_ for _ in ()).throw(AssertionError("downloaded despite refusal"))
+    task = Task(round=1, algorithm="fedavg", config={"lora": {"r": 8}, "train": {"batch_size": 4, "block_size": 512}})
+    client.handle_task(task, "aggregator")
+    assert len(sent) == 1 and isinstance(sent[0][1], ErrorReport)
+    assert sent[0][1].code == "does_not_fit" and "GiB" in sent[0][1].detail
+    assert client.history[-1]["error"] == "does_not_fit"
+    assert client._does_not_fit(Task(round=1, algorithm="fedbiot", config=task.config)) is None  # trains the emulator

@@ -47,6 +47,7 @@ class FedBiOTClient(ClientAlgorithm):
     The device never holds the full LLM; its own ``model_path`` is not used."""
 
     name = "fedbiot"
+    trains_device_model = False  # it trains the emulator the task brings
 
     def _model(self, downloads: Mapping[str, bytes], ctx, cfg: FedBiOTConfig):
         plan = use_emulator(downloads["emulator"], ctx)
