@@ -356,6 +356,6 @@ def test_remote_large_model_over_http_matches_local(pair, large_path):
         assert spec.token_ids == plain.token_ids
         assert remote.requests - before == spec.stats["large_requests"] <= 12
     # top-k rows become normalised full distributions with the top-k kept
-    vals = np.log(np.array([[0.6, 0.3, -np.inf]]))
+    vals = np.array([[np.log(0.6), np.log(0.3), -np.inf]])
     dense = complete_topk_np(vals, np.array([[2, 0, 0]]), 4)
     np.testing.assert_allclose(np.exp(dense), [[0.3, 0.05, 0.6, 0.05]], atol=1e-6)

@@ -11,7 +11,7 @@ from algorithms.fedavg.config import FedAvgConfig
 
 def _default_distill() -> dict:
     return {"epochs": 1, "batch_size": 8, "block_size": 64, "lr": 2e-3, "lr_llm": 2e-3, "lambda_kd": 1.0,
-            "task_weight": 1.0, "max_steps": 60}
+            "task_weight": 1.0, "max_steps": 60, "warmup": 5}
 
 
 @dataclass

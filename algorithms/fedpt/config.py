@@ -11,14 +11,14 @@ from algorithms.fedavg.config import FedAvgConfig
 
 def _default_distill() -> dict:
     return {"epochs": 1, "batch_size": 8, "block_size": 64, "lr": 2e-3, "lambda_kd": 1.0,
-            "task_weight": 0.0, "max_steps": 60}
+            "task_weight": 1.0, "max_steps": 60, "warmup": 5}
 
 
 @dataclass
 class FedPTConfig(FedAvgConfig):
     """FedPT: the client fields are FedAvg's; the server forms the proxy-tuned LLM
     ``z = z_LLM + alpha * (z_SLM_tuned - z_SLM_base)`` and distils it into the aggregated SLM on
-    D_a (``distill``: pure KD by default, ``task_weight`` adds the CE on D_a).
+    D_a (``distill``: KD plus the task CE on D_a by default; ``task_weight`` 0 is pure KD).
     ``distill_rounds``: "all" or "none" (plain FedAvg of the small model; the proxy is then used
     only at inference). ``public_max_samples`` caps D_a per round."""
 
