@@ -13,6 +13,10 @@ Every rule can be checkpointed after any ``add`` (``state_dict()`` -> a
 :func:`aggregator_from_state`); the state store persists that checkpoint in the same step that
 marks the update accepted. Rules aggregate whatever they are given (full adapter states or
 deltas); averaging states equals the global plus the averaged delta for normalised weights.
+
+:class:`Collect` is the rule for algorithms whose updates must not be combined (FedMKT's
+per-client top-k logits, one shape per tokenizer): it keeps every update as it came, spilled to
+disk like the robust rules, and hands the server step a lazy ``{client: tensors}`` mapping.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ import os
 import shutil
 import tempfile
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -39,6 +43,8 @@ class Aggregator(ABC):
     """Base of the rules: bookkeeping of clients and weights, checks, checkpoint format."""
 
     name: ClassVar[str]
+    #: keeps updates on disk (then takes ``spill_dir=``, which must survive a restart)
+    spills: ClassVar[bool] = False
 
     def __init__(self) -> None:
         self._spec: UpdateSpec | None = None
@@ -72,7 +78,7 @@ class Aggregator(ABC):
             raise InvalidUpdate(
                 "weight", f"weight must be finite and positive, got {weight!r}", client=client_id
             )
-        wire = check_structure(tensors, spec, client=client_id)
+        wire = self._structure(tensors, spec, client_id)
         self._fold(client_id, wire, weight)
         self._clients.append(client_id)
         self._weights.append(weight)
@@ -137,6 +143,11 @@ class Aggregator(ABC):
         self._load(state)
 
     # -- per-rule hooks --------------------------------------------------------------------
+
+    def _structure(
+        self, tensors: Mapping[str, np.ndarray], spec: UpdateSpec, client_id: str
+    ) -> dict[str, np.ndarray]:
+        return check_structure(tensors, spec, client=client_id)
 
     @abstractmethod
     def _begin(self) -> None: ...
@@ -221,14 +232,15 @@ class WeightedMean(Aggregator):
         self._sums, self._total = sums, float(state.meta["total_weight"])
 
 
-class _SpillingAggregator(Aggregator):
+class _Spilled(Aggregator):
     """Base of rules that need every update: each is written once to ``spill_dir`` as a
     content-addressed safetensors file; the state lists the files per client.
 
     ``spill_dir`` must survive a restart for the state to be resumable; without one a temporary
-    directory is used and removed by :meth:`discard`. Weights are recorded but, as in the usual
-    definitions of these robust statistics, not used.
+    directory is used and removed by :meth:`discard`.
     """
+
+    spills: ClassVar[bool] = True
 
     def __init__(self, spill_dir: str | os.PathLike[str] | None = None) -> None:
         super().__init__()
@@ -263,6 +275,20 @@ class _SpillingAggregator(Aggregator):
             self._spill.verify(digest)
         self._digests = digests
 
+    def discard(self) -> None:
+        """Delete this aggregate's spill files (and the directory if it was temporary); call
+        after the round is committed."""
+        for digest in set(self._digests):
+            self._spill.delete(digest)
+        self._digests = []
+        if self._owned_dir:
+            shutil.rmtree(self._spill.dir, ignore_errors=True)
+
+
+class _SpillingAggregator(_Spilled):
+    """Coordinate-wise statistics over the spilled updates. Weights are recorded but, as in the
+    usual definitions of these robust statistics, not used."""
+
     def result(self, *, cast: bool = True) -> dict[str, np.ndarray]:
         self._require_updates()
         spec = self._require_spec()
@@ -277,15 +303,6 @@ class _SpillingAggregator(Aggregator):
     @abstractmethod
     def _reduce(self, stack: np.ndarray) -> np.ndarray:
         """Coordinate-wise statistic over axis 0 (clients); may reorder ``stack`` in place."""
-
-    def discard(self) -> None:
-        """Delete this aggregate's spill files (and the directory if it was temporary); call
-        after the round is committed."""
-        for digest in set(self._digests):
-            self._spill.delete(digest)
-        self._digests = []
-        if self._owned_dir:
-            shutil.rmtree(self._spill.dir, ignore_errors=True)
 
 
 class CoordinateMedian(_SpillingAggregator):
@@ -325,22 +342,69 @@ class TrimmedMean(_SpillingAggregator):
         return stack[k : n - k].mean(axis=0)
 
 
-#: registry of aggregation rules by the name used in configs and persisted states
+class CollectedUpdates(Mapping):
+    """What :meth:`Collect.result` returns: client id -> that client's tensors, each read from
+    its spill file (and checked against its digest) when accessed, so a server step that goes
+    through the clients one at a time holds one update in memory. ``weights``: client ->
+    the weight it was added with. Iteration follows arrival order; sort for determinism."""
+
+    def __init__(self, store: CheckpointStore, clients: list[str], digests: list[str],
+                 weights: list[float]) -> None:
+        self._store = store
+        self._digest = dict(zip(clients, digests, strict=True))
+        self.weights = dict(zip(clients, weights, strict=True))
+
+    def __getitem__(self, client: str) -> dict[str, np.ndarray]:
+        return self._store.get(self._digest[client]).tensors
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._digest)
+
+    def __len__(self) -> int:
+        return len(self._digest)
+
+
+class Collect(_Spilled):
+    """No arithmetic: every accepted update is kept as it came (any dtypes and shapes; the
+    algorithm's ``validate_client_update`` checked it) and :meth:`result` returns them all as a
+    :class:`CollectedUpdates` mapping. Memory O(one update); resumable like the robust rules."""
+
+    name = "collect"
+
+    def _structure(
+        self, tensors: Mapping[str, np.ndarray], spec: UpdateSpec, client_id: str
+    ) -> dict[str, np.ndarray]:
+        if not isinstance(tensors, Mapping) or not all(
+            isinstance(k, str) and isinstance(v, np.ndarray) for k, v in tensors.items()
+        ):
+            raise InvalidUpdate("names", "update is not a name -> numpy array mapping", client=client_id)
+        return dict(tensors)
+
+    def result(self, *, cast: bool = True) -> CollectedUpdates:
+        """The collected updates (``cast`` does not apply: nothing was computed)."""
+        self._require_updates()
+        return CollectedUpdates(self._spill, list(self._clients), list(self._digests), list(self._weights))
+
+
+#: the numeric aggregation rules by the name used in configs and persisted states
 AGGREGATORS: dict[str, type[Aggregator]] = {
     WeightedMean.name: WeightedMean,
     CoordinateMedian.name: CoordinateMedian,
     TrimmedMean.name: TrimmedMean,
 }
+#: every rule :func:`make_aggregator` builds: the numeric ones and "collect" (which an algorithm
+#: declares; it is not a choice of the service config)
+RULES: dict[str, type[Aggregator]] = {**AGGREGATORS, Collect.name: Collect}
 
 
 def make_aggregator(name: str, **kw: Any) -> Aggregator:
     """Build a rule by name: "fedavg", "median" (``spill_dir=``), "trimmed_mean"
-    (``trim_fraction=``, ``spill_dir=``)."""
+    (``trim_fraction=``, ``spill_dir=``), "collect" (``spill_dir=``)."""
     try:
-        cls = AGGREGATORS[name]
+        cls = RULES[name]
     except (KeyError, TypeError):
         raise SpecError(
-            f"unknown aggregator {name!r}; valid names: {', '.join(sorted(AGGREGATORS))}"
+            f"unknown aggregator {name!r}; valid names: {', '.join(sorted(RULES))}"
         ) from None
     try:
         return cls(**kw)

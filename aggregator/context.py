@@ -26,6 +26,9 @@ class ServerContext:
         except KeyError:
             raise AggregatorError(f"the aggregator config has no model for role {role!r} (models: {sorted(self.models)})") from None
 
+    def model_roles(self) -> list[str]:
+        return sorted(self.models)
+
     def public_data(self) -> list:
         return list(self.public)
 

@@ -36,6 +36,8 @@ class InvalidUpdate(AggregatorError):
             "unknown_client",  # sender not in the federation
             "not_selected",  # known client, but not selected for this round
             "weight",  # sample weight / num_examples not a finite positive number
+            "payload",  # an algorithm's own check of a collected payload failed (see its message)
+            "vocabulary",  # a payload from a tokenizer the aggregator does not know
         }
     )
 

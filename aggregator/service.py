@@ -13,6 +13,7 @@ answer a repeated Task from their cache, so the result is identical.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import random
@@ -30,12 +31,13 @@ from bridge.errors import BridgeError
 from bridge.messages import ErrorReport, Note, Task, Update
 from bridge.provision import load_party_config
 
-from .aggregation import Aggregator, aggregator_from_state, make_aggregator
+from .aggregation import Aggregator
 from .config import AggregatorConfig
 from .context import ServerContext
 from .errors import AggregatorError, InvalidUpdate
+from .intake import aggregation_rule, check_update, open_aggregator
 from .state import StateStore, update_digest
-from .validation import UpdateSpec, validate_update
+from .validation import UpdateSpec
 
 log = logging.getLogger("cotune.aggregator")
 
@@ -63,7 +65,11 @@ class AggregatorService:
         self._current_round = 0
         ctx = ServerContext(str(self.state_dir), config.seed, config.models, config.public_data, config.llm)
         self.algorithm = registry.get(config.algorithm).server(config.algorithm_config, ctx)
+        #: the round's rule: the configured numeric one, or "collect" when the algorithm says so
+        self.rule = aggregation_rule(self.algorithm, config.aggregation)
         self._stop = threading.Event()
+        #: blob hash -> clients this process already sent it to (they cache downloads by hash)
+        self._delivered: dict[str, set[str]] = {}
 
     # -- lifecycle ------------------------------------------------------------------------
     def stop(self) -> None:
@@ -154,7 +160,7 @@ class AggregatorService:
             metrics = {**outcome.metrics, "accepted": accepted, "quorum": quorum, "seconds": round(time.time() - t0, 3)}
             self.store.close_round(r, outcome.state, metrics)
             self.progress(f"round {r}: {len(accepted)}/{len(info.selected)} updates aggregated "
-                          f"({self.cfg.aggregation}) in {time.time() - t0:.1f}s")
+                          f"({self.rule}) in {time.time() - t0:.1f}s")
         else:
             metrics = {"skipped": f"quorum not met: {len(accepted)} < {quorum}", "accepted": accepted,
                        "quorum": quorum, "seconds": round(time.time() - t0, 3)}
@@ -165,28 +171,35 @@ class AggregatorService:
             agg.discard()
 
     def _aggregator(self, partial, spec: UpdateSpec) -> Aggregator:
-        kw = {}
-        if self.cfg.aggregation in ("median", "trimmed_mean"):
-            kw["spill_dir"] = str(self.state_dir / "spill")
-        if partial is not None:
-            return aggregator_from_state(partial, **kw)
-        if self.cfg.aggregation == "trimmed_mean":
-            kw["trim_fraction"] = self.cfg.trim_fraction
-        agg = make_aggregator(self.cfg.aggregation, **kw)
-        agg.begin(spec)
-        return agg
+        return open_aggregator(self.rule, spec, partial=partial, spill_dir=self.state_dir / "spill",
+                               trim_fraction=self.cfg.trim_fraction)
 
     def _send_tasks(self, r: int, state: State, clients: list[str]) -> None:
         plan = self.algorithm.plan_round(r, state)
         refs = {}
         for name, blob in plan.blobs.items():
-            refs[name] = self.endpoint.broadcast_blob(clients, blob, kind=name, round=r).to_json()
+            refs[name] = self._distribute(clients, blob, name, r)
         info = self.store.load_round(r, with_partial=False).info
         deadline = info.deadline or time.time() + self.cfg.round_deadline_s
         for c in clients:
             self.endpoint.send(c, Task(round=r, algorithm=self.cfg.algorithm, config=plan.config, downloads=refs,
                                        deadline=deadline), round=r)
         _event("tasks_sent", round=r, clients=clients, blobs={k: v["size"] for k, v in refs.items()})
+
+    def _distribute(self, clients: list[str], blob: bytes, name: str, r: int) -> dict:
+        """Broadcast a blob; when this process already sent the same content to every recipient
+        (an unchanged emulator), only grant its key: clients serve it from their blob cache, and
+        one that lost it pulls the chunks. Returns the blob reference (JSON)."""
+        sha = hashlib.sha256(blob).hexdigest()
+        known = self._delivered.setdefault(sha, set())
+        while len(self._delivered) > 256:  # adapters change every round; keep the recent hashes
+            del self._delivered[next(iter(self._delivered))]
+        push = not set(clients) <= known
+        ref = self.endpoint.broadcast_blob(clients, blob, kind=name, round=r, push=push)
+        known.update(clients)
+        if not push:
+            _event("blob_not_resent", round=r, blob=name, sha256=sha[:12], size=len(blob))
+        return ref.to_json()
 
     def _pending(self, r: int) -> list[str]:
         """Selected clients without an accepted update. A client whose update was rejected may
@@ -227,7 +240,8 @@ class AggregatorService:
                 raise InvalidUpdate("names", f"update for algorithm {upd.algorithm!r}, federation runs "
                                              f"{self.cfg.algorithm!r}", client=client)
             tensors = self._payload(upd, client, deadline)
-            checked = validate_update(tensors, spec, max_norm=self.cfg.max_norm, clip=self.cfg.clip, client=client)
+            checked = check_update(self.algorithm, self.rule, tensors, spec, client=client, max_norm=self.cfg.max_norm,
+                                   clip=self.cfg.clip)
             weight = self.algorithm.update_weight(upd.metrics, upd.num_examples)
         except InvalidUpdate as exc:
             self._reject(r, client, exc.reason, str(exc))
@@ -302,8 +316,7 @@ class AggregatorService:
         state = self.store.load_global().tensors
         clients = self.party.directory.clients()
         blobs = self.algorithm.final_blobs(state)
-        refs = {n: self.endpoint.broadcast_blob(clients, b, kind=n, round=self.cfg.rounds).to_json()
-                for n, b in blobs.items()}
+        refs = {n: self._distribute(clients, b, n, self.cfg.rounds) for n, b in blobs.items()}
         for c in clients:
             self.endpoint.send(c, Note("done", {"downloads": refs, "config": self.algorithm.client_config(),
                                                 "algorithm": self.cfg.algorithm, "rounds": self.cfg.rounds,

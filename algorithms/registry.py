@@ -11,7 +11,9 @@ from .base import AlgorithmError
 #: name -> "module:ServerClass:ClientClass"
 _REGISTRY: dict[str, str] = {
     "fedavg": "algorithms.fedavg:FedAvgServer:FedAvgClient",
+    "fedbiot": "algorithms.fedbiot:FedBiOTServer:FedBiOTClient",
     "fedcollm": "algorithms.fedcollm:FedCoLLMServer:FedCoLLMClient",
+    "fedmkt": "algorithms.fedmkt:FedMKTServer:FedMKTClient",
     "fedpt": "algorithms.fedpt:FedPTServer:FedPTClient",
 }
 

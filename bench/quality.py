@@ -17,8 +17,16 @@ Figures (last line ``BENCH quality {...}``):
   perplexity under FedCoLLM / under the baseline (< 1 is better).
 - fedpt: ``proxy_gap_closed`` = (nll_LLM_base - nll_proxy) / (nll_LLM_base - nll_LLM_tuned) at
   the alpha chosen on dev; ``slm_vs_standalone``/``slm_vs_fedavg`` for its distilled SLM.
+- fedbiot: against its own baseline FedOT, see ``bench/fedbiot_quality.py``
+  (``adapter_full_vs_fedot``, ``adapter_emulator_vs_fedot``, ``client_memory_ratio``,
+  ``download_ratio``); alone, it skips the SLM and centralized baselines above.
+- fedmkt: heterogeneous clients (Llama / GPT-2 SLMs by domain), see ``bench/fedmkt_quality.py``:
+  ``llm_gap_closed`` as for fedcollm; ``slm_vs_standalone`` (mean, and worst family) against
+  standalone clients of the same families.
 
     python bench/quality.py --algorithm fedcollm,fedpt --quick
+    python bench/quality.py --algorithm fedbiot --quick
+    python bench/quality.py --algorithm fedmkt --quick
 """
 
 from __future__ import annotations
@@ -33,7 +41,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 QUICK_DOMAINS = ["computers", "politics", "science", "songs-poems"]  # the four largest
-ALPHAS = [0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0]
+ALPHAS = [0.0, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 1.0, 1.25, 1.5]
 
 
 #: LoRA on every linear layer including the LM head, for every model and method alike: the
@@ -44,9 +52,10 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 
 def settings(quick: bool) -> dict:
     lora = {"r": 8, "alpha": 16, "dropout": 0.0, "target_modules": TARGETS}
-    train = {"lr": 3e-3, "epochs": 100, "batch_size": 8, "block_size": 64, "max_steps": 20 if quick else 40,
+    train = {"lr": 1e-3, "epochs": 100, "batch_size": 8, "block_size": 64, "max_steps": 30 if quick else 40,
              "warmup": 2}
-    distill = {"epochs": 100, "batch_size": 8, "block_size": 64, "lr": 2e-3, "max_steps": 30 if quick else 60}
+    distill = {"epochs": 100, "batch_size": 8, "block_size": 64, "lr": 1e-3, "max_steps": 30 if quick else 60,
+               "warmup": 5}
     return {
         "rounds": 3 if quick else 5,
         "domains": QUICK_DOMAINS if quick else None,
@@ -54,11 +63,12 @@ def settings(quick: bool) -> dict:
         "eval_limit": 60 if quick else None,
         "fedavg": {"lora": lora, "train": train, "eval_block_size": 64},
         "fedcollm": {"lora": lora, "train": train, "eval_block_size": 64, "llm_lora": lora,
-                     "distill": {**distill, "lr_llm": 3e-3, "lambda_kd": 1.0, "task_weight": 1.0}},
+                     "distill": {**distill, "lr_llm": 3e-3, "lambda_kd": 1.0, "task_weight": 1.0,
+                                                 "max_steps": 60 if quick else 120}},
         "fedpt": {"lora": lora, "train": train, "eval_block_size": 64, "alpha": 0.5,
                   "distill": {**distill, "lambda_kd": 1.0, "task_weight": 1.0}},
-        "central": {"lrs": [1e-3, 3e-3], "batch_size": 8, "block_size": 64, "chunk_steps": 20 if quick else 40,
-                    "max_chunks": 8 if quick else 12},
+        "central": {"lrs": [1e-3, 3e-3] if quick else [3e-4, 1e-3, 3e-3], "batch_size": 8, "block_size": 64,
+                    "eval_every": 20, "max_steps": 160 if quick else 400, "warmup": 5},
     }
 
 
@@ -130,19 +140,24 @@ class Bench:
         best, best_state, curves = math.inf, None, {}
         for lr in c["lrs"]:
             load_adapter_state(m, init)
-            curve, best_here = [], math.inf
-            for chunk in range(c["max_chunks"]):
-                cfg = TrainConfig(lr=lr, batch_size=c["batch_size"], max_steps=c["chunk_steps"], epochs=100,
-                                  schedule="constant", seed=chunk)
-                train_causal_lm(m, ds, cfg, progress=None)
+            curve: list[float] = []
+
+            def on_progress(p, lr=lr, curve=curve):
+                # dev NLL every eval_every steps of ONE optimizer run (a restarted AdamW takes a
+                # full-size sign step on every parameter: evaluating by restarting would hurt)
+                nonlocal best, best_state
+                if p.done or p.step == 0:
+                    return False
                 dev = self.mean(self.eval_domains(m, tok, "dev"))
                 curve.append(dev)
-                self.say(f"centralized LLM lr {lr:g}: {(chunk + 1) * c['chunk_steps']} steps, dev NLL {dev:.4f}")
+                self.say(f"centralized LLM lr {lr:g}: {p.step} steps, dev NLL {dev:.4f}")
                 if dev < best:
                     best, best_state = dev, adapter_state(m)
-                best_here = min(best_here, dev)
-                if chunk >= 2 and dev > best_here + 0.01:
-                    break
+                return len(curve) >= 4 and dev > min(curve) + 0.01  # early stop
+
+            cfg = TrainConfig(lr=lr, batch_size=c["batch_size"], max_steps=c["max_steps"], epochs=100,
+                              schedule="linear", warmup=c["warmup"], log_every=c["eval_every"], seed=0)
+            train_causal_lm(m, ds, cfg, progress=on_progress)
             curves[str(lr)] = curve
         load_adapter_state(m, best_state)
         self.results["llm_centralized"] = self.eval_domains(m, tok)
@@ -228,11 +243,25 @@ class Bench:
                  f"proxy test NLL {self.mean(self.results['llm_proxy']):.4f}")
 
     # -- figures --------------------------------------------------------------------------------
+    def fedbiot(self) -> None:  # FedBiOT vs FedOT: bench/fedbiot_quality.py
+        import fedbiot_quality
+
+        fedbiot_quality.run(self)
+
+    def fedmkt(self) -> None:  # heterogeneous clients: bench/fedmkt_quality.py
+        import fedmkt_quality
+
+        fedmkt_quality.run(self)
+
     def ratio_ppl(self, a: str, b: str) -> float:
         ra, rb = self.results[a], self.results[b]
         return sum(ra[d]["ppl"] / rb[d]["ppl"] for d in self.domains) / len(self.domains)
 
     def figures(self, algos: list[str]) -> dict:
+        if algos == ["fedbiot"]:
+            import fedbiot_quality
+
+            return fedbiot_quality.figures(self)
         r, m = self.results, self.mean
         out = {"domains": len(self.domains), "rounds": self.s["rounds"],
                "nll_llm_base": round(m(r["llm_zero_shot"]), 4), "nll_llm_centralized": round(m(r["llm_centralized"]), 4),
@@ -254,12 +283,24 @@ class Bench:
                 "slm_vs_standalone": round(self.ratio_ppl("slm_fedpt", "slm_standalone"), 4),
                 "slm_vs_fedavg": round(self.ratio_ppl("slm_fedpt", "slm_fedavg"), 4),
                 "acc_proxy": round(m(r["llm_proxy"], "acc"), 4)}
+        if "fedbiot" in algos:
+            import fedbiot_quality
+
+            out["fedbiot"] = fedbiot_quality.figures(self)
+        if "fedmkt" in algos:
+            import fedmkt_quality
+
+            out["fedmkt"] = fedmkt_quality.figures(self)
         for a in algos:  # flat keys for the single-algorithm case the issue names
             if len(algos) == 1:
                 out.update(out.pop(a))
         return out
 
     def plot(self, path: Path, algos: list[str]) -> None:
+        if algos == ["fedbiot"]:
+            import fedbiot_quality
+
+            return fedbiot_quality.plot(self, path)
         try:
             import matplotlib
 
@@ -301,21 +342,22 @@ def main() -> int:
     # peft warns that an adapter on a tied LM head complicates *merging*; nothing merges here
     warnings.filterwarnings("ignore", message=".*tie_word_embeddings.*")
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--algorithm", default="fedcollm,fedpt", help="comma-separated: fedcollm, fedpt")
+    ap.add_argument("--algorithm", default="fedcollm,fedpt", help="comma-separated: fedcollm, fedpt, fedbiot, fedmkt")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--rounds", type=int, default=None)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default="bench/results")
     args = ap.parse_args()
     algos = [a for a in args.algorithm.split(",") if a]
-    unknown = set(algos) - {"fedcollm", "fedpt"}
+    unknown = set(algos) - {"fedcollm", "fedpt", "fedbiot", "fedmkt"}
     if unknown:
         ap.error(f"unknown algorithms {sorted(unknown)}")
     b = Bench(args)
     b.zero_shot()
-    b.centralized_llm()
-    b.standalone()
-    b.fedavg()
+    if set(algos) - {"fedbiot"}:  # FedBiOT's baseline is FedOT, run by its own method
+        b.centralized_llm()
+        b.standalone()
+        b.fedavg()
     for a in algos:
         getattr(b, a)()
     fig = b.figures(algos)

@@ -40,10 +40,31 @@ ALGORITHM_DEFAULTS["fedpt"] = {
     "distill": {"epochs": 1, "batch_size": 8, "block_size": 64, "lr": 2e-3, "lambda_kd": 1.0, "task_weight": 0.0,
                 "max_steps": 40},
 }
+#: FedBiOT: the clients train the adapter (top 2 LLM layers) through the emulator the aggregator
+#: cuts out of the LLM and sends them; their own model_path is not used for training
+ALGORITHM_DEFAULTS["fedbiot"] = {
+    **ALGORITHM_DEFAULTS["fedavg"],
+    "drop_ratio": 0.5, "n_adapter_top": 2, "n_adapter_bottom": 0, "proximal_mu": 0.01,
+    "align": {"mode": "layers", "max_steps": 20, "lr": 1e-4, "batch_size": 8, "block_size": 64, "lambda_kd": 1.0},
+    "pre_align_steps": 40, "realign_every": 1, "baseline": "fedbiot",
+}
+#: FedMKT: clients of two model families (see DEMO_HETEROGENEOUS) and the LLM teach each other
+#: through top-k logits on the public set (lambda: 0.9 task loss, 0.1 KD)
+ALGORITHM_DEFAULTS["fedmkt"] = {
+    **ALGORITHM_DEFAULTS["fedavg"],
+    "k": 16, "lambda_task": 0.9, "public_max_samples": 64,
+    "llm_lora": {"r": 8, "alpha": 16, "dropout": 0.0},
+    "llm_train": {"lr": 2e-3, "epochs": 1, "batch_size": 8, "max_steps": 20},
+    "kd_train": {"lr": 1e-3, "epochs": 1, "batch_size": 8, "max_steps": 20},
+}
 #: the demo's LLM: FedCoLLM co-tunes local weights; FedPT sees only a black box, served here by
 #: `cotune llm serve` (vLLM would take its place) and reached over HTTP with top-k logprobs
-DEMO_LLM_BACKEND = {"fedcollm": "local", "fedpt": "blackbox"}
+DEMO_LLM_BACKEND = {"fedcollm": "local", "fedpt": "blackbox", "fedbiot": "local"}
 BLACKBOX_TOP_K = 64
+DEMO_LLM_BACKEND["fedmkt"] = "local"
+#: algorithms whose clients may run different model families: alternating clients get the zoo's
+#: Llama SLM (tokenizer t1, the LLM's) and its GPT-2 SLM (tokenizer t2)
+DEMO_HETEROGENEOUS = {"fedmkt"}
 
 
 def _algorithm_config(algorithm: str, quick: bool) -> dict:
@@ -54,6 +75,12 @@ def _algorithm_config(algorithm: str, quick: bool) -> dict:
         cfg["train"]["max_steps"] = 15
         if "distill" in cfg:
             cfg["distill"]["max_steps"] = 15
+        for step in ("llm_train", "kd_train"):
+            if step in cfg:
+                cfg[step]["max_steps"] = 10
+        if "align" in cfg:
+            cfg["align"]["max_steps"] = 10
+            cfg["pre_align_steps"] = 15
     return cfg
 
 
@@ -69,6 +96,7 @@ def run_demo(args) -> int:
     print("model zoo: building or loading from cache ...", flush=True)
     zoo = build_zoo(quick=getattr(args, "tiny_zoo", False), progress=True)
     slm = zoo["slm-llama"]
+    families = [slm, zoo["slm-gpt2"]] if args.algorithm in DEMO_HETEROGENEOUS else [slm]
     names = [f"edge{i + 1}" for i in range(args.clients)]
     doms = domains()
     if args.clients > len(doms):
@@ -77,7 +105,7 @@ def run_demo(args) -> int:
     broker = EmbeddedBroker().start()
     over = {"host": broker.host, "port": broker.port, "tls": False, "protocol": "3.1.1"}
     print(f"embedded broker on {broker.host}:{broker.port}; {args.clients} clients, {args.rounds} rounds, "
-          f"algorithm {args.algorithm}; model {slm.name} from the zoo", flush=True)
+          f"algorithm {args.algorithm}; model {' / '.join(f.name for f in families)} from the zoo", flush=True)
     limit_private = 240 if args.quick else None
     limit_eval = 60 if args.quick else 150
     agg_cfg = {
@@ -86,6 +114,8 @@ def run_demo(args) -> int:
         "rounds": args.rounds, "min_clients": args.clients, "round_deadline_s": 900, "wait_for_clients_s": 120,
         "models": {"slm": str(slm), "llm": str(zoo["llm"])}, "broker": over, "final_wait_s": 120,
     }
+    for fam in families[1:]:  # the aggregator needs every client family's tokenizer
+        agg_cfg["models"][f"slm:{fam.name}"] = str(fam)
     procs = {}
     backend = DEMO_LLM_BACKEND.get(args.algorithm)
     if backend:
@@ -109,7 +139,8 @@ def run_demo(args) -> int:
     domain_of = {}
     for i, name in enumerate(names):
         domain_of[name] = doms[i]
-        cfg = {"party_config": str(paths.party_config(name)), "model_path": str(slm), "profile": "generic-cpu",
+        cfg = {"party_config": str(paths.party_config(name)), "model_path": str(families[i % len(families)]),
+               "profile": "generic-cpu",
                "data": {"zoo_domain": doms[i], "split": "private", "limit": limit_private},
                "eval": {"zoo_domain": doms[i], "split": "test", "limit": limit_eval},
                "work_dir": str(out / "clients" / name), "broker": over, "torch_threads": 1, "max_idle_s": 1800}

@@ -11,9 +11,9 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from aggregator.aggregation import make_aggregator
 from aggregator.context import ServerContext
-from aggregator.validation import UpdateSpec, validate_update
+from aggregator.intake import aggregation_rule, check_update, open_aggregator
+from aggregator.validation import UpdateSpec
 from algorithms import registry
 from algorithms.base import State
 from bridge.messages import Task
@@ -45,24 +45,28 @@ def simulate(algorithm: str, config: Mapping[str, Any], server_ctx: ServerContex
     server = spec.server(dict(config), server_ctx)
     halves = {c.party_id: spec.client() for c in clients}
     say = progress or (lambda *_: None)
+    rule = aggregation_rule(server, aggregation)
     state = server.initial_state()
     history: list[SimRound] = []
     for r in range(1, rounds + 1):
         t0 = time.perf_counter()
         plan = server.plan_round(r, state)
         uspec = UpdateSpec.from_state(server.update_spec_state(state))
-        agg = make_aggregator(aggregation)
-        agg.begin(uspec)
+        agg = open_aggregator(rule, uspec)  # spilling rules: a temporary directory, discarded below
         rec = SimRound(r)
         task = Task(round=r, algorithm=algorithm, config=plan.config)
         for ctx in clients:
             ctx.round = r
             report = halves[ctx.party_id].run(task, plan.blobs, ctx)
-            checked = validate_update(report.tensors, uspec, client=ctx.party_id)
+            checked = check_update(server, rule, report.tensors, uspec, client=ctx.party_id)
             agg.add(ctx.party_id, checked.tensors, weight=server.update_weight(report.metrics, report.num_examples))
             rec.clients[ctx.party_id] = report.metrics
             say(f"round {r}: {ctx.party_id} trained on {report.num_examples} examples")
-        outcome = server.finish_round(r, state, agg.result(cast=False))
+        try:
+            outcome = server.finish_round(r, state, agg.result(cast=False))
+        finally:
+            if hasattr(agg, "discard"):
+                agg.discard()
         state = outcome.state
         rec.server = outcome.metrics
         rec.seconds = time.perf_counter() - t0

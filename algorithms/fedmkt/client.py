@@ -1,0 +1,219 @@
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from algorithms.base import ClientAlgorithm, ClientReport, pack_state, unpack_state
+from algorithms.core.lora_state import from_wire, to_wire
+from algorithms.core.modeling import adapter_state, load_adapter_state
+from algorithms.core.state_parts import to_numpy, to_torch
+from algorithms.core.token_alignment import (
+    Vocabulary,
+    cached_vocab_map,
+    dual_min_ce_batch,
+    vocab_hash,
+)
+
+from .config import FedMKTConfig
+from .payload import PayloadError
+from .public import (
+    TeacherPayload,
+    encode_public,
+    family_adapter_blob,
+    model_payload,
+    public_from_arrays,
+    public_sha256,
+    vocab_from_arrays,
+    vocab_hash_array,
+)
+from .targets import TargetDataset, aligned_targets, kd_term
+
+log = logging.getLogger(__name__)
+
+ADAPTER_PREFIX = "adapter/"
+
+
+def _eval(ctx, block_size: int) -> dict:
+    held = ctx.eval_data()
+    if not held:
+        return {}
+    r = ctx.evaluate(held, block_size)
+    return {"nll": r.nll, "ppl": r.ppl, "acc": r.accuracy}
+
+
+def forward_of(model) -> Any:
+    """``forward(ids, mask) -> logits`` in eval mode (restored afterwards), on the model's device."""
+
+    def forward(ids, mask):
+        device = next(model.parameters()).device
+        was = model.training
+        model.eval()
+        try:
+            return model(
+                input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False
+            ).logits
+        finally:
+            model.train(was)
+
+    return forward
+
+
+class _AdapterStore:
+    """The client's own adapter between rounds, in its workspace: FedMKT clients keep
+    personal adapters (nothing global replaces them), so a restarted device resumes from the
+    adapter its last round produced. One file per round; the newest before a round is loaded."""
+
+    def __init__(self, folder: Path):
+        self.folder = Path(folder)
+
+    def _path(self, round: int) -> Path:
+        return self.folder / f"adapter-{round:05d}.safetensors"
+
+    def save(self, model, round: int) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        tmp = self._path(round).with_suffix(".tmp")
+        tmp.write_bytes(pack_state(to_numpy(adapter_state(model))))
+        tmp.replace(self._path(round))
+        for old in sorted(self.folder.glob("adapter-*.safetensors"))[:-2]:
+            old.unlink(missing_ok=True)
+
+    def load_latest(self, model, before: int | None = None) -> int | None:
+        rounds = sorted(
+            int(p.stem.split("-")[1]) for p in self.folder.glob("adapter-*.safetensors")
+        )
+        rounds = [r for r in rounds if before is None or r < before]
+        if not rounds:
+            return None
+        load_adapter_state(model, to_torch(unpack_state(self._path(rounds[-1]).read_bytes())))
+        return rounds[-1]
+
+
+class FedMKTClient(ClientAlgorithm):
+    """One round on the device (the paper's steps 5 and 1-2, pipelined into one Task):
+
+    1. start from the own adapter of the previous round (or, with ``fedavg_homogeneous``, the
+       family's averaged adapter the Task carries);
+    2. if the Task carries the LLM's top-k payload on D_p (``llm_topk``, from the previous
+       server step) and vocabulary (``llm_vocab``): DualMinCE with one teacher keeps the public
+       samples where the LLM's CE is below this model's own, whose LLM rows are aligned into
+       this tokenizer (DTW + MinED map, cached in the workspace); the LoRA trains on D_p with
+       ``lambda * CE + (1 - lambda) * KD`` (``kd_train``; KD only on the kept samples, the
+       others keep the task loss alone);
+    3. task training on D_k (``train``), as without FedMKT;
+    4. run the SLM over D_p and upload its top-k payload + per-sample CE and the vocabulary
+       hash (+ the adapter, with ``fedavg_homogeneous``).
+
+    Distillation comes before the task step because that is the paper's order across rounds
+    (step 5 of one round, step 1 of the next) and it leaves the private-data budget as it is.
+    """
+
+    name = "fedmkt"
+
+    def run(self, task, downloads: Mapping[str, bytes], ctx) -> ClientReport:
+        cfg = FedMKTConfig.from_dict(task.config)
+        model = ctx.model(cfg.lora_spec())
+        tok = ctx.tokenizer()
+        own_vocab = Vocabulary.from_tokenizer(tok)
+        own_hash = vocab_hash(own_vocab)
+        store = _AdapterStore(Path(ctx.workspace()) / "fedmkt")
+        family = downloads.get(family_adapter_blob(own_hash)) if cfg.fedavg_homogeneous else None
+        if family is not None:
+            load_adapter_state(model, from_wire(unpack_state(family)))
+        else:
+            store.load_latest(model, before=task.round)
+        public = public_from_arrays(unpack_state(downloads["public"]))
+        own_ids = encode_public(tok, public, cfg.public_block_size)
+        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+
+        def payload():
+            return model_payload(
+                forward_of(model),
+                own_ids,
+                k=cfg.k,
+                vocab_size=own_vocab.size,
+                pad_id=pad,
+                batch_size=cfg.payload_batch_size,
+            )
+
+        before = _eval(ctx, cfg.eval_block_size)
+        private = ctx.private_data()
+        targets, kd = {}, {}
+        if "llm_topk" in downloads:
+            teacher = TeacherPayload.from_arrays(unpack_state(downloads["llm_topk"]))
+            if teacher.public_digest != public_sha256(public) or teacher.payload.num_samples != len(
+                public
+            ):
+                raise PayloadError(
+                    "the LLM payload was computed on another public set than the Task's"
+                )
+            llm_vocab = vocab_from_arrays(unpack_state(downloads["llm_vocab"]))
+            own_ce = payload().sample_ce
+            chosen = dual_min_ce_batch(teacher.payload.sample_ce[None, :], own_ce)
+            vmap = cached_vocab_map(
+                llm_vocab, own_vocab, cache_dir=Path(ctx.workspace()) / "vocab_maps"
+            )
+            matched = rows = 0
+            for s in np.nonzero(chosen == 0)[0].tolist():
+                values, ids = teacher.payload.sample(s)
+                v, i, m = aligned_targets(
+                    own_ids[s], own_vocab, teacher.tokens[s], llm_vocab, values, ids, vmap
+                )
+                targets[s] = (v, i)
+                matched, rows = matched + int(m.sum()), rows + len(m)
+            kd = {
+                "kd_samples": len(targets),
+                "public_samples": len(public),
+                "kd_aligned_fraction": round(matched / rows, 4) if rows else 0.0,
+                "own_ce_mean": float(np.mean(own_ce)),
+                "llm_ce_mean": float(np.mean(teacher.payload.sample_ce)),
+            }
+            kd_cfg = cfg.kd_train_config(task.round)
+            data = TargetDataset(tok, own_ids, targets, cfg.public_block_size, seed=kd_cfg.seed)
+            distilled = ctx.train(
+                data,
+                replace(kd_cfg, block_size=data.block_size),
+                extra_loss=kd_term(cfg.kd_weight, cfg.temperature, cfg.kd_kind),
+            )
+            kd["kd_train"] = distilled.to_dict()
+        result = ctx.train(private, cfg.train_config())
+        after = _eval(ctx, cfg.eval_block_size)
+        mine = payload()
+        store.save(model, task.round)
+        tensors = {**mine.to_arrays(), "vocab_hash": vocab_hash_array(own_hash)}
+        if cfg.fedavg_homogeneous:
+            tensors.update(
+                {
+                    ADAPTER_PREFIX + k: v
+                    for k, v in to_wire(adapter_state(model), cfg.wire_dtype).items()
+                }
+            )
+        metrics = {
+            "train": result.to_dict(),
+            **kd,
+            "public_ce_mean": float(np.mean(mine.sample_ce)),
+            "vocab_hash": own_hash[:16],
+            **{f"{k}_before": v for k, v in before.items()},
+            **{f"{k}_after": v for k, v in after.items()},
+        }
+        return ClientReport(num_examples=len(private), tensors=tensors, metrics=metrics)
+
+    def apply_final(
+        self, downloads: Mapping[str, bytes], ctx, config: Mapping | None = None
+    ) -> dict:
+        """FedMKT has no global client model: each client keeps its own adapter (its family's
+        average with ``fedavg_homogeneous``, when the final blobs carry it) and evaluates it."""
+        cfg = FedMKTConfig.from_dict(dict(config or {}))
+        model = ctx.model(cfg.lora_spec())
+        family = downloads.get(
+            family_adapter_blob(vocab_hash(Vocabulary.from_tokenizer(ctx.tokenizer())))
+        )
+        if family is not None:
+            load_adapter_state(model, from_wire(unpack_state(family)))
+        else:
+            _AdapterStore(Path(ctx.workspace()) / "fedmkt").load_latest(model)
+        return {f"{k}_final": v for k, v in _eval(ctx, cfg.eval_block_size).items()}

@@ -1,0 +1,466 @@
+"""FedMKT: heterogeneous clients (a tiny Llama with a metaspace tokenizer and a tiny GPT-2 with
+a byte-level one) and a server LLM over real Mosquitto; tampered payloads rejected with a
+reason while the round closes with the other client; DualMinCE on hand-made payloads; LLM2SLM
+leaves the LLM alone; the "collect" rule resumes after a restart."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+
+from aggregator.aggregation import Collect, aggregator_from_state
+from aggregator.config import AggregatorConfig
+from aggregator.context import ServerContext
+from aggregator.errors import InvalidUpdate, SpecError
+from aggregator.intake import COLLECT, aggregation_rule, check_update
+from aggregator.service import AggregatorService
+from aggregator.state import StateStore
+from aggregator.validation import UpdateSpec
+from algorithms import registry
+from algorithms.base import ConfigError, unpack_state
+from algorithms.core.state_parts import part
+from algorithms.core.token_alignment import Vocabulary, vocab_hash
+from algorithms.fedmkt import FedMKTClient, FedMKTConfig
+from algorithms.fedmkt.payload import LogitsPayload
+from algorithms.fedmkt.public import family_adapter_blob, vocab_hash_array
+from bridge.broker import MosquittoBroker, find_mosquitto
+from bridge.codec import decode
+from bridge.messages import Task
+from cotune.simulate import simulate
+from edge_sdk.client import EdgeClient
+from edge_sdk.context import DeviceContext
+from tests.tiny_models import TINY_CORPUS
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+needs_mosquitto = pytest.mark.skipif(
+    find_mosquitto() is None, reason="needs mosquitto (CI installs it)"
+)
+
+SHARDS = {"alice": TINY_CORPUS[0::2], "bob": TINY_CORPUS[1::2]}
+TRAIN = {"lr": 5e-3, "max_steps": 2, "batch_size": 4, "block_size": 16}
+CONFIG = {
+    "train": TRAIN,
+    "eval_block_size": 16,
+    "k": 8,
+    "lora": {"r": 4, "alpha": 8},
+    "llm_lora": {"r": 4, "alpha": 8},
+    "llm_train": {"max_steps": 2, "batch_size": 4},
+}
+PUBLIC = TINY_CORPUS[:8]
+
+
+@pytest.fixture
+def models(tiny_llama_path, tiny_gpt2_path, tiny_llm_path):
+    """Two client families (different tokenizers) and the LLM (the Llama family's tokenizer)."""
+    return {"slm": str(tiny_llama_path), "slm:gpt2": str(tiny_gpt2_path), "llm": str(tiny_llm_path)}
+
+
+@pytest.fixture
+def fed(make_federation):
+    paths = make_federation("mktfed", list(SHARDS))
+    broker = MosquittoBroker(paths.mosquitto_conf).start()
+    yield paths
+    broker.stop()
+
+
+def _run_federation(fed, tmp_path, models, paths, *, rounds, **cfg_kw):
+    cfg = AggregatorConfig(
+        party_config=str(fed.party_config("aggregator")),
+        state_dir=str(tmp_path / "agg"),
+        rounds=rounds,
+        algorithm="fedmkt",
+        algorithm_config=CONFIG,
+        models=models,
+        llm={"backend": "local"},
+        public_data=PUBLIC,
+        min_clients=2,
+        wait_for_clients_s=30,
+        final_wait_s=10,
+        **{"round_deadline_s": 60, **cfg_kw},
+    )
+    work = tmp_path / "clients"
+    clients = [
+        EdgeClient(
+            fed.party_config(n),
+            paths[n],
+            SHARDS[n],
+            eval_data=TINY_CORPUS[:3],
+            profile=None,
+            work_dir=work / n,
+            progress=None,
+        )
+        for n in SHARDS
+    ]
+    threads = [
+        threading.Thread(target=c.run, kwargs={"max_idle_s": 90}, daemon=True) for c in clients
+    ]
+    for t in threads:
+        t.start()
+    status = AggregatorService(cfg, progress=None).run()
+    for t in threads:
+        t.join(60)
+    return status, clients, work
+
+
+@needs_mosquitto
+def test_heterogeneous_federation_over_mosquitto(
+    fed, tmp_path, models, tiny_llama_path, tiny_gpt2_path
+):
+    status, clients, work = _run_federation(
+        fed, tmp_path, models, {"alice": tiny_llama_path, "bob": tiny_gpt2_path}, rounds=2
+    )
+    assert status["last_committed"]["round"] == 2
+    with StateStore(tmp_path / "agg" / "state.db") as store:
+        r1, r2 = (store.load_round(r, with_partial=False) for r in (1, 2))
+        assert sorted(r1.accepted) == sorted(r2.accepted) == sorted(SHARDS)
+        assert r1.info.metrics["steps"] == 2 and r1.info.metrics["public_samples"] == len(PUBLIC)
+        g0 = store.load_global(r1.info.base_digest).tensors
+        g2 = store.load_global().tensors
+    # the LLM learned (its LoRA and its teacher payload changed) and nothing was averaged
+    assert any(not np.array_equal(g0[k], g2[k]) for k in g0 if k.startswith("llm/"))
+    assert not np.array_equal(g0["llm_topk/topk_values"], g2["llm_topk/topk_values"])
+    # the two families sent payloads of different shapes: their own tokenisations of D_p
+    sent = {}
+    for n in SHARDS:
+        msg = work / n / "updates" / "round-00001.msg"
+        sent[n] = decode(msg.read_bytes()).tensors or unpack_state(
+            msg.with_suffix(".blob").read_bytes()
+        )
+    assert sent["alice"]["vocab_hash"].tobytes() != sent["bob"]["vocab_hash"].tobytes()
+    assert sent["alice"]["offsets"][-1] != sent["bob"]["offsets"][-1]
+    assert (
+        sent["alice"]["topk_ids"].dtype == np.int32
+    )  # integer tensors on the wire, never averaged
+    for c in clients:
+        assert [h["round"] for h in c.history] == [1, 2]
+        assert (
+            c.history[0]["kd_samples"] >= 0 and "kd_aligned_fraction" in c.history[0]
+        )  # taught by the LLM
+        assert np.isfinite(c.final["nll_final"])
+
+
+@needs_mosquitto
+def test_tampered_payload_is_rejected_and_the_round_closes_with_the_other(
+    fed, tmp_path, models, tiny_llama_path, tiny_gpt2_path, monkeypatch
+):
+    honest = FedMKTClient.run
+
+    def run(self, task, downloads, ctx):
+        report = honest(self, task, downloads, ctx)
+        if ctx.party_id == "bob":
+            values = report.tensors["topk_values"].copy()
+            values[0, 0] = np.nan
+            report.tensors["topk_values"] = values
+        return report
+
+    monkeypatch.setattr(FedMKTClient, "run", run)
+    status, clients, _ = _run_federation(
+        fed,
+        tmp_path,
+        models,
+        {"alice": tiny_llama_path, "bob": tiny_gpt2_path},
+        rounds=1,
+        quorum=0.5,
+        round_deadline_s=20,
+    )
+    assert status["last_committed"]["round"] == 1
+    with StateStore(tmp_path / "agg" / "state.db") as store:
+        r1 = store.load_round(1, with_partial=False)
+        assert r1.accepted == ["alice"]
+        assert (
+            r1.participants["bob"].status == "rejected"
+            and r1.participants["bob"].reason == "non_finite"
+        )
+        assert r1.info.metrics["selected"].keys() == {
+            "alice"
+        }  # the server step ran on alice's payload
+        assert "skipped" not in r1.info.metrics
+    bob = next(c for c in clients if c.party_id == "bob")
+    assert any(
+        h.get("error") == "non_finite" for h in bob.history
+    )  # the typed rejection reached bob
+
+
+# -- validation, selection and modes in process ----------------------------------------------------
+
+
+@pytest.fixture
+def server_ctx(tmp_path, models):
+    return ServerContext(str(tmp_path / "srv"), 0, models, PUBLIC)
+
+
+def _gpt2_report(server, tiny_gpt2_path):
+    state = server.initial_state()
+    plan = server.plan_round(1, state)
+    ctx = DeviceContext("bob", tiny_gpt2_path, SHARDS["bob"], progress=None)
+    return FedMKTClient().run(
+        Task(round=1, algorithm="fedmkt", config=plan.config), plan.blobs, ctx
+    )
+
+
+def _nan(t):
+    t["topk_values"] = t["topk_values"].copy()
+    t["topk_values"][1, 2] = np.nan
+
+
+def _id_out_of_range(t):
+    t["topk_ids"] = t["topk_ids"].copy()
+    t["topk_ids"][0, 0] = int(t["vocab_size"][0]) + 5
+
+
+def _wrong_lengths(
+    t,
+):  # one row fewer in sample 0 and offsets to match: a valid payload of the wrong shape
+    t["topk_values"], t["topk_ids"] = t["topk_values"][1:].copy(), t["topk_ids"][1:].copy()
+    t["offsets"] = np.maximum(t["offsets"] - 1, 0)
+
+
+def _unknown_vocabulary(t):
+    t["vocab_hash"] = vocab_hash_array("ab" * 32)
+
+
+@pytest.mark.parametrize(
+    "tamper, reason",
+    [
+        (_nan, "non_finite"),
+        (_id_out_of_range, "payload"),
+        (_wrong_lengths, "shape"),
+        (_unknown_vocabulary, "vocabulary"),
+    ],
+)
+def test_tampered_payloads_are_refused_with_a_reason(tamper, reason, server_ctx, tiny_gpt2_path):
+    server = registry.get("fedmkt").server(CONFIG, server_ctx)
+    report = _gpt2_report(server, tiny_gpt2_path)
+    spec = UpdateSpec.from_state({})
+    rule = aggregation_rule(server)
+    assert rule == COLLECT
+    ok = check_update(server, rule, report.tensors, spec, client="bob")
+    assert set(ok.tensors) >= {"topk_values", "topk_ids", "offsets", "sample_ce", "vocab_hash"}
+    bad = dict(report.tensors)
+    tamper(bad)
+    with pytest.raises(InvalidUpdate) as err:
+        check_update(server, rule, bad, spec, client="bob")
+    assert err.value.reason == reason
+
+
+def _hand_payload(lengths: list[int], ces: list[float], first_id: int, k: int = 8) -> dict:
+    """A valid payload: per row the ids first_id..first_id+k-1 with values -0.1, -0.6, ..."""
+    rows = sum(lengths)
+    values = np.tile(-0.1 - 0.5 * np.arange(k, dtype=np.float32), (rows, 1)).astype(np.float16)
+    ids = np.tile(first_id + np.arange(k, dtype=np.int32), (rows, 1))
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    return LogitsPayload(
+        values, ids, offsets, np.asarray(ces, np.float32), vocab_size=400
+    ).to_arrays()
+
+
+def test_server_dual_min_ce_picks_the_lowest_ce_teacher_below_the_llm(server_ctx, monkeypatch):
+    server = registry.get("fedmkt").server(CONFIG, server_ctx)
+    state = server.initial_state()
+    lengths = [
+        len(t) - 1 for t in server.llm_tokens()
+    ]  # the Llama family reads D_p as the LLM does
+    n = len(lengths)
+    llm_ce = np.full(n, 5.0, np.float32)
+    llm_ce[2] = 0.5  # nobody beats the LLM on sample 2
+    state["llm_topk/sample_ce"] = llm_ce
+    ce_a = np.full(n, 4.0, np.float32)
+    ce_b = np.full(n, 3.0, np.float32)
+    ce_a[0], ce_b[0] = 1.0, 2.0  # a is the best on sample 0, b everywhere else
+    ce_b[3] = 9.0  # sample 3: a (4.0) beats the LLM (5.0), b does not
+    h = next(iter(server.families()))
+    hash_ = vocab_hash_array(h)
+    # ids of ordinary tokens (the low ids of a metaspace vocabulary are byte-fallback tokens,
+    # which MinED maps onto the regular token of the same text)
+    aggregate = {
+        "b": {**_hand_payload(lengths, ce_b.tolist(), 350), "vocab_hash": hash_},
+        "a": {**_hand_payload(lengths, ce_a.tolist(), 300), "vocab_hash": hash_},
+    }
+    seen = {}
+
+    def capture(round, st, targets):
+        seen.update(targets)
+        return {"llm_kd_samples": len(targets), "steps": 0}
+
+    monkeypatch.setattr(server, "_train_llm", capture)
+    metrics = server.finish_round(1, state, aggregate).metrics
+    assert metrics["kept_own"] == 1 and metrics["selected"] == {"a": 2, "b": n - 3}
+    assert set(seen) == set(range(n)) - {2}
+    # identical tokenizers: every row aligns one-to-one and keeps its teacher's ids
+    for s, want in [(0, 300), (3, 300), (1, 350)]:
+        values, ids = seen[s]
+        assert (
+            np.isfinite(values).all()
+            and (ids[:, 0] == want).all()
+            and (ids[:, -1] == want + 7).all()
+        )
+
+
+def test_llm2slm_teaches_without_changing_the_llm(server_ctx, tiny_llama_path, tiny_gpt2_path):
+    clients = [
+        DeviceContext("alice", tiny_llama_path, SHARDS["alice"], TINY_CORPUS[12:], progress=None),
+        DeviceContext("bob", tiny_gpt2_path, SHARDS["bob"], TINY_CORPUS[12:], progress=None),
+    ]
+    cfg = {**CONFIG, "mode": "llm2slm"}
+    res = simulate("fedmkt", cfg, server_ctx, clients, rounds=2, progress=None)
+    init = (
+        registry.get("fedmkt")
+        .server(cfg, ServerContext(server_ctx.work_dir, 0, server_ctx.models, PUBLIC))
+        .initial_state()
+    )
+    assert set(res.state) == set(init)
+    for k in init:
+        np.testing.assert_array_equal(res.state[k], init[k])  # LLM adapter and its teacher payload
+    for r in res.rounds:
+        assert "steps" not in r.server  # no LLM training
+        for m in r.clients.values():
+            assert (
+                m["public_samples"] == len(PUBLIC) and "kd_aligned_fraction" in m
+            )  # the LLM taught
+
+
+def test_mutual_training_is_deterministic_and_moves_the_llm(
+    server_ctx, tiny_llama_path, tiny_gpt2_path
+):
+    def run():
+        clients = [
+            DeviceContext("alice", tiny_llama_path, SHARDS["alice"], progress=None),
+            DeviceContext("bob", tiny_gpt2_path, SHARDS["bob"], progress=None),
+        ]
+        return simulate(
+            "fedmkt",
+            CONFIG,
+            ServerContext(server_ctx.work_dir, 0, server_ctx.models, PUBLIC),
+            clients,
+            rounds=1,
+            progress=None,
+            apply_final=False,
+        )
+
+    a, b = run(), run()
+    for k in a.state:
+        np.testing.assert_array_equal(a.state[k], b.state[k])
+    assert a.rounds[0].server["llm_delta_norm"] > 0
+    assert set(a.rounds[0].server["selected"]) == {"alice", "bob"}
+
+
+def test_collected_updates_survive_a_restart_and_are_discarded_after(tmp_path):
+    spill = tmp_path / "spill"
+    agg = Collect(spill_dir=spill)
+    agg.begin(UpdateSpec.from_state({}))
+    ups = {
+        "x": {"ids": np.arange(5, dtype=np.int32), "v": np.ones((2, 3), np.float16)},
+        "y": {"ids": np.arange(9, dtype=np.int32)},
+    }  # different names, shapes and dtypes
+    agg.add("x", ups["x"], weight=3)
+    resumed = aggregator_from_state(
+        agg.state_dict(), spill_dir=spill
+    )  # a restart after x was accepted
+    resumed.add("y", ups["y"], weight=1)
+    out = resumed.result()
+    assert list(out) == ["x", "y"] and out.weights == {"x": 3.0, "y": 1.0}
+    for c, tensors in ups.items():
+        assert set(out[c]) == set(tensors)
+        for k, v in tensors.items():
+            np.testing.assert_array_equal(out[c][k], v)
+            assert out[c][k].dtype == v.dtype
+    resumed.discard()
+    assert not list(spill.glob("*.safetensors"))
+
+
+def test_rules_and_config_are_checked(server_ctx):
+    server = registry.get("fedmkt").server(CONFIG, server_ctx)
+    assert aggregation_rule(server, "fedavg") == COLLECT  # the config default
+    with pytest.raises(SpecError):
+        aggregation_rule(server, "median")
+    with pytest.raises(SpecError):
+        aggregation_rule(registry.get("fedavg").server({}, server_ctx), COLLECT)
+    assert FedMKTConfig.from_dict({"lambda": 0.8}).lambda_task == 0.8
+    assert FedMKTConfig().kd_weight == pytest.approx(0.1 / 0.9)
+    for bad in (
+        {"lambda": 0.0},
+        {"mode": "both"},
+        {"k": 0},
+        {"kd_kind": "mse"},
+        {"llm_train": {"lr": -1}},
+    ):
+        with pytest.raises(ConfigError):
+            FedMKTConfig.from_dict(bad)
+    client_keys = set(server.client_config())
+    assert "llm_train" not in client_keys and "mode" not in client_keys and "k" in client_keys
+    assert part(server.initial_state(), "llm_topk")["k"].tolist() == [8]
+
+
+def test_fedavg_homogeneous_averages_adapters_within_a_family(
+    server_ctx, tiny_llama_path, tiny_gpt2_path
+):
+    cfg = {**CONFIG, "fedavg_homogeneous": True}
+    server = registry.get("fedmkt").server(cfg, server_ctx)
+    state = server.initial_state()
+    plan = server.plan_round(1, state)
+    names = {family_adapter_blob(h) for h in server.families()}
+    assert len(names) == 2 and names <= set(plan.blobs) and set(server.final_blobs(state)) == names
+    data = {
+        "alice": (tiny_llama_path, SHARDS["alice"]),
+        "carol": (tiny_llama_path, SHARDS["bob"]),
+        "bob": (tiny_gpt2_path, SHARDS["bob"]),
+    }
+    task = Task(round=1, algorithm="fedmkt", config=plan.config)
+    spec = UpdateSpec.from_state({})
+    ups = {}
+    for c, (path, shard) in data.items():
+        report = FedMKTClient().run(task, plan.blobs, DeviceContext(c, path, shard, progress=None))
+        ups[c] = check_update(server, COLLECT, report.tensors, spec, client=c).tensors
+    out = server.finish_round(1, state, ups).state
+    llama = family_adapter_blob(
+        vocab_hash(Vocabulary.from_tokenizer(DeviceContext("x", tiny_llama_path, []).tokenizer()))
+    )
+    keys = [k[len("adapter/") :] for k in ups["alice"] if k.startswith("adapter/")]
+    assert keys
+    for k in keys:
+        a, c = (ups[n]["adapter/" + k].astype(np.float64) for n in ("alice", "carol"))
+        np.testing.assert_allclose(
+            out[f"{llama}/{k}"], ((a + c) / 2).astype(np.float32), rtol=0, atol=1e-6
+        )
+    # an adapter of the wrong shape is refused like any other malformed payload
+    bad = dict(ups["alice"])
+    bad["adapter/" + keys[0]] = np.zeros((1, 1), np.float16)
+    with pytest.raises(InvalidUpdate) as err:
+        check_update(server, COLLECT, bad, spec, client="alice")
+    assert err.value.reason == "shape"
+
+
+def test_service_resumes_a_collect_round_from_its_persisted_partial(
+    make_federation, tmp_path, models, tiny_gpt2_path
+):
+    """What a restarted aggregator does with an open FedMKT round: rebuild the "collect"
+    aggregate from the ledger's partial checkpoint and the spill files under state_dir."""
+    paths = make_federation("mktresume", ["alice", "bob"])
+    cfg = AggregatorConfig(
+        party_config=str(paths.party_config("aggregator")),
+        state_dir=str(tmp_path / "agg"),
+        algorithm="fedmkt",
+        algorithm_config=CONFIG,
+        models=models,
+        public_data=PUBLIC,
+    )
+    first = AggregatorService(cfg, progress=None)
+    assert first.rule == COLLECT
+    report = _gpt2_report(first.algorithm, tiny_gpt2_path)
+    spec = UpdateSpec.from_state({})
+    checked = check_update(first.algorithm, first.rule, report.tensors, spec, client="bob")
+    with StateStore(tmp_path / "agg" / "state.db") as store:
+        store.init_federation("mktresume", "fedmkt", CONFIG, {"x": np.zeros(1, np.float32)})
+        store.open_round(["alice", "bob"])
+        agg = first._aggregator(None, spec)
+        agg.add("bob", checked.tensors, weight=report.num_examples)
+        store.accept_update(1, "bob", agg.state_dict(), "0" * 64, report.num_examples, {})
+        partial = store.load_round(1).partial
+    again = AggregatorService(cfg, progress=None)._aggregator(partial, spec)  # after a restart
+    assert again.count == 1 and again.clients == ("bob",)
+    got = again.result()["bob"]
+    for k, v in checked.tensors.items():
+        np.testing.assert_array_equal(got[k], v)
+    again.discard()
