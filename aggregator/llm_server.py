@@ -73,7 +73,7 @@ class CompletionModel:
 
     def _top(self, lp: torch.Tensor, k: int, as_ids: bool) -> dict:
         vals, ids = torch.topk(lp, k)
-        return {self._key(int(i), as_ids): float(v) for v, i in zip(vals.tolist(), ids.tolist())}
+        return {self._key(int(i), as_ids): float(v) for v, i in zip(vals.tolist(), ids.tolist(), strict=True)}
 
     # -- the API ----------------------------------------------------------------------------
     def complete(self, body: dict) -> dict:

@@ -126,7 +126,13 @@ class Bench:
         """LoRA on the union of every client's private data plus D_a. A fair, tuned baseline:
         each learning rate of a small grid trains with dev evaluation every chunk of steps and
         early stopping; the best dev checkpoint over the grid is the centralized model."""
-        from algorithms.core.modeling import LoraSpec, adapter_state, attach_lora, load_adapter_state, load_causal_lm
+        from algorithms.core.modeling import (
+            LoraSpec,
+            adapter_state,
+            attach_lora,
+            load_adapter_state,
+            load_causal_lm,
+        )
         from algorithms.core.textdata import TokenizedDataset
         from algorithms.core.training import TrainConfig, train_causal_lm
 

@@ -104,7 +104,7 @@ def test_identical_updates_aggregate_to_themselves(name, server_ctx, tiny_llama_
     uspec = UpdateSpec.from_state(server.update_spec_state(state))
     reports = [spec.client().run(Task(round=1, algorithm=name, config=plan.config), plan.blobs, c)
                for c in _clients(tiny_llama_path, 2, same=True)]
-    for a, b in zip(sorted(reports[0].tensors.items()), sorted(reports[1].tensors.items())):
+    for a, b in zip(sorted(reports[0].tensors.items()), sorted(reports[1].tensors.items()), strict=True):
         np.testing.assert_array_equal(a[1], b[1])  # same data, same seed: the same update
     rule = aggregation_rule(server)
     agg = open_aggregator(rule, uspec)

@@ -162,7 +162,7 @@ class _Loop:
                     loss.backward()
                     if cfg.max_grad_norm is not None:
                         torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm)
-                    for o, s in zip(self.opts, self.scheds):
+                    for o, s in zip(self.opts, self.scheds, strict=True):
                         o.step()
                         s.step()
                         o.zero_grad(set_to_none=True)
