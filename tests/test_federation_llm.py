@@ -23,7 +23,7 @@ pytestmark = [pytest.mark.usefixtures("one_torch_thread"),
 
 SHARDS = {"alice": TINY_CORPUS[0::2], "bob": TINY_CORPUS[1::2]}
 TRAIN = {"lr": 5e-3, "max_steps": 2, "batch_size": 4, "block_size": 16}
-DISTILL = {"batch_size": 4, "block_size": 16, "max_steps": 2}
+DISTILL = {"batch_size": 4, "block_size": 16, "max_steps": 2, "warmup": 0, "lr": 5e-3, "lr_llm": 5e-3}
 
 
 @pytest.fixture

@@ -9,7 +9,8 @@ from algorithms.core.modeling import adapter_state, load_adapter_state
 from .config import FedAvgConfig
 
 
-def _eval(ctx, block_size: int) -> dict:
+def held_out_metrics(ctx, block_size: int) -> dict:
+    """NLL, perplexity and next-token accuracy on the client's held-out data ({} without any)."""
     held = ctx.eval_data()
     if not held:
         return {}
@@ -24,10 +25,10 @@ class FedAvgClient(ClientAlgorithm):
         cfg = FedAvgConfig.from_dict(task.config)
         model = ctx.model(cfg.lora_spec())
         load_adapter_state(model, from_wire(unpack_state(downloads["global"])))
-        before = _eval(ctx, cfg.eval_block_size)
+        before = held_out_metrics(ctx, cfg.eval_block_size)
         data = ctx.private_data()
         result = ctx.train(data, cfg.train_config())
-        after = _eval(ctx, cfg.eval_block_size)
+        after = held_out_metrics(ctx, cfg.eval_block_size)
         metrics = {"train": result.to_dict(), **{f"{k}_before": v for k, v in before.items()},
                    **{f"{k}_after": v for k, v in after.items()}}
         return ClientReport(num_examples=len(data), tensors=to_wire(adapter_state(model), cfg.wire_dtype),
@@ -37,4 +38,4 @@ class FedAvgClient(ClientAlgorithm):
         cfg = FedAvgConfig.from_dict(dict(config or {}))
         model = ctx.model(cfg.lora_spec())
         load_adapter_state(model, from_wire(unpack_state(downloads["global"])))
-        return {f"{k}_final": v for k, v in _eval(ctx, cfg.eval_block_size).items()}
+        return {f"{k}_final": v for k, v in held_out_metrics(ctx, cfg.eval_block_size).items()}

@@ -1,7 +1,7 @@
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
-from typing import Any
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, ClassVar
 
 from algorithms.base import ConfigError
 from algorithms.core.lora_state import WIRE_DTYPES
@@ -49,6 +49,12 @@ class FedAvgConfig:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def client_dict(self) -> dict:
+        """FedAvg-LoRA's fields only: what a client half needs in ``Task.config`` (subclasses
+        add server-only fields that stay on the server)."""
+        names = {f.name for f in fields(FedAvgConfig)}
+        return {k: v for k, v in asdict(self).items() if k in names}
+
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> FedAvgConfig:
         known = {f for f in cls.__dataclass_fields__}
@@ -61,3 +67,33 @@ class FedAvgConfig:
             return cls(**{k: v for k, v in data.items() if k in known})
         except TypeError as exc:
             raise ConfigError(f"fedavg config: {exc}") from exc
+
+
+@dataclass
+class DistillingConfig(FedAvgConfig):
+    """FedAvg's client fields plus a server-side distillation step on the public set D_a
+    (FedCoLLM, FedPT). ``distill``: :class:`DistillConfig` fields; a partial dict overrides the
+    subclass's ``DISTILL_DEFAULTS``. ``public_max_samples`` caps D_a per round (None: all)."""
+
+    DISTILL_DEFAULTS: ClassVar[dict] = {}
+    distill: dict = field(default_factory=dict)
+    public_max_samples: int | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        from algorithms.core.errors import TrainingError
+
+        if not isinstance(self.distill, dict):
+            raise ConfigError(f"distill must be a dict of DistillConfig fields, got {self.distill!r}")
+        self.distill = {**self.DISTILL_DEFAULTS, **self.distill}
+        try:
+            self.distill_config()
+        except (TrainingError, TypeError, ValueError) as exc:
+            raise ConfigError(f"{type(self).__name__}: {exc}") from exc
+        if self.public_max_samples is not None and self.public_max_samples < 1:
+            raise ConfigError("public_max_samples must be None or >= 1")
+
+    def distill_config(self):
+        from algorithms.core.distill import DistillConfig
+
+        return DistillConfig.from_dict(self.distill)

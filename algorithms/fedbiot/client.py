@@ -9,7 +9,7 @@ from algorithms.base import ClientAlgorithm, ClientReport, unpack_state
 from algorithms.core.emulator import adapter_layers
 from algorithms.core.lora_state import from_wire, to_wire
 from algorithms.core.modeling import adapter_state, load_adapter_state
-from algorithms.fedavg.client import _eval
+from algorithms.fedavg.client import held_out_metrics
 
 from .config import FedBiOTConfig
 from .merge import MergedProximal
@@ -58,11 +58,11 @@ class FedBiOTClient(ClientAlgorithm):
     def run(self, task, downloads: Mapping[str, bytes], ctx) -> ClientReport:
         cfg = FedBiOTConfig.from_dict(task.config)
         model = self._model(downloads, ctx, cfg)
-        before = _eval(ctx, cfg.eval_block_size)
+        before = held_out_metrics(ctx, cfg.eval_block_size)
         data = ctx.private_data()
         extra = MergedProximal(model, cfg.proximal_mu) if cfg.proximal_mu > 0 else None
         result = ctx.train(data, cfg.train_config(), extra_loss=extra)
-        after = _eval(ctx, cfg.eval_block_size)
+        after = held_out_metrics(ctx, cfg.eval_block_size)
         metrics = {
             "train": result.to_dict(),
             **{f"{k}_before": v for k, v in before.items()},
@@ -82,4 +82,4 @@ class FedBiOTClient(ClientAlgorithm):
         """Evaluate the federation's adapter on the final emulator (adapter + emulator)."""
         cfg = FedBiOTConfig.from_dict(dict(config or {}))
         self._model(downloads, ctx, cfg)
-        return {f"{k}_final": v for k, v in _eval(ctx, cfg.eval_block_size).items()}
+        return {f"{k}_final": v for k, v in held_out_metrics(ctx, cfg.eval_block_size).items()}

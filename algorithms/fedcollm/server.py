@@ -3,19 +3,19 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from algorithms.base import ConfigError, RoundOutcome, RoundPlan, ServerAlgorithm, State, pack_state
+from algorithms.base import ConfigError, RoundOutcome, ServerAlgorithm, State
 from algorithms.core.distill import mutual_distill
 from algorithms.core.kd import check_shared_vocabulary
 from algorithms.core.modeling import adapter_state, attach_lora, load_adapter_state, load_causal_lm
 from algorithms.core.state_parts import client_part, delta_norm, join, part, to_numpy, to_torch
-from algorithms.fedavg.server import wire_cast
+from algorithms.fedavg.server import SlmAdapterRounds
 
 from .config import FedCoLLMConfig
 
 LLM = "llm"
 
 
-class FedCoLLMServer(ServerAlgorithm):
+class FedCoLLMServer(SlmAdapterRounds, ServerAlgorithm):
     """Global state: the SLM adapter theta (unprefixed; what clients train) and the LLM adapter
     omega under ``llm/``. Round: FedAvg of the clients' theta, then ``mutual_distill`` of
     (LLM + omega) and (SLM + theta) on D_a; the distilled theta goes out next round."""
@@ -51,16 +51,6 @@ class FedCoLLMServer(ServerAlgorithm):
     def initial_state(self) -> State:
         return join(to_numpy(adapter_state(self.slm())), **{LLM: to_numpy(adapter_state(self.llm()))})
 
-    def client_config(self) -> dict:
-        return self.config.client_dict()
-
-    def plan_round(self, round: int, state: State) -> RoundPlan:
-        return RoundPlan(config=self.client_config(),
-                         blobs={"global": pack_state(wire_cast(client_part(state), self.config.wire_dtype))})
-
-    def update_spec_state(self, state: State) -> State:
-        return wire_cast(client_part(state), self.config.wire_dtype)
-
     def finish_round(self, round: int, state: State, aggregate: State) -> RoundOutcome:
         public = self.ctx.public_data()
         if not public:
@@ -82,8 +72,6 @@ class FedCoLLMServer(ServerAlgorithm):
                         "llm_delta_norm": delta_norm(omega, part(state, LLM))})
         return RoundOutcome(join(theta, **{LLM: omega}), metrics)
 
-    def final_blobs(self, state: State) -> dict[str, bytes]:
-        return {"global": pack_state(wire_cast(client_part(state), self.config.wire_dtype))}
 
     # -- for evaluation and export ----------------------------------------------------------
     def llm_with(self, state: State):

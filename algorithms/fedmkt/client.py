@@ -18,6 +18,7 @@ from algorithms.core.token_alignment import (
     dual_min_ce_batch,
     vocab_hash,
 )
+from algorithms.fedavg.client import held_out_metrics
 
 from .config import FedMKTConfig
 from .payload import PayloadError
@@ -36,14 +37,6 @@ from .targets import TargetDataset, aligned_targets, kd_term
 log = logging.getLogger(__name__)
 
 ADAPTER_PREFIX = "adapter/"
-
-
-def _eval(ctx, block_size: int) -> dict:
-    held = ctx.eval_data()
-    if not held:
-        return {}
-    r = ctx.evaluate(held, block_size)
-    return {"nll": r.nll, "ppl": r.ppl, "acc": r.accuracy}
 
 
 def forward_of(model) -> Any:
@@ -140,7 +133,7 @@ class FedMKTClient(ClientAlgorithm):
                 batch_size=cfg.payload_batch_size,
             )
 
-        before = _eval(ctx, cfg.eval_block_size)
+        before = held_out_metrics(ctx, cfg.eval_block_size)
         private = ctx.private_data()
         targets, kd = {}, {}
         if "llm_topk" in downloads:
@@ -181,7 +174,7 @@ class FedMKTClient(ClientAlgorithm):
             )
             kd["kd_train"] = distilled.to_dict()
         result = ctx.train(private, cfg.train_config())
-        after = _eval(ctx, cfg.eval_block_size)
+        after = held_out_metrics(ctx, cfg.eval_block_size)
         mine = payload()
         store.save(model, task.round)
         tensors = {**mine.to_arrays(), "vocab_hash": vocab_hash_array(own_hash)}
@@ -216,4 +209,4 @@ class FedMKTClient(ClientAlgorithm):
             load_adapter_state(model, from_wire(unpack_state(family)))
         else:
             _AdapterStore(Path(ctx.workspace()) / "fedmkt").load_latest(model)
-        return {f"{k}_final": v for k, v in _eval(ctx, cfg.eval_block_size).items()}
+        return {f"{k}_final": v for k, v in held_out_metrics(ctx, cfg.eval_block_size).items()}

@@ -4,12 +4,12 @@ import copy
 from collections.abc import Mapping
 from typing import Any
 
-from algorithms.base import ConfigError, RoundOutcome, RoundPlan, ServerAlgorithm, State, pack_state
+from algorithms.base import ConfigError, RoundOutcome, ServerAlgorithm, State, pack_state
 from algorithms.core.distill import distill
 from algorithms.core.kd import check_shared_vocabulary
 from algorithms.core.modeling import adapter_state, attach_lora, load_adapter_state, load_causal_lm
-from algorithms.core.state_parts import client_part, delta_norm, join, part, to_numpy, to_torch
-from algorithms.fedavg.server import wire_cast
+from algorithms.core.state_parts import delta_norm, join, part, to_numpy, to_torch
+from algorithms.fedavg.server import SlmAdapterRounds, wire_cast
 
 from .config import FedPTConfig
 from .proxy import ProxyTeacher
@@ -17,7 +17,7 @@ from .proxy import ProxyTeacher
 EXPERT = "expert"
 
 
-class FedPTServer(ServerAlgorithm):
+class FedPTServer(SlmAdapterRounds, ServerAlgorithm):
     """Global state: the small model's adapter (unprefixed; what clients train next round) and,
     under ``expert/``, the last round's aggregate: the expert of proxy-tuned inference.
 
@@ -58,16 +58,6 @@ class FedPTServer(ServerAlgorithm):
         theta = to_numpy(adapter_state(student))
         return join(theta, **{EXPERT: theta})
 
-    def client_config(self) -> dict:
-        return self.config.client_dict()
-
-    def plan_round(self, round: int, state: State) -> RoundPlan:
-        return RoundPlan(config=self.client_config(),
-                         blobs={"global": pack_state(wire_cast(client_part(state), self.config.wire_dtype))})
-
-    def update_spec_state(self, state: State) -> State:
-        return wire_cast(client_part(state), self.config.wire_dtype)
-
     def finish_round(self, round: int, state: State, aggregate: State) -> RoundOutcome:
         expert_state = {k: v for k, v in aggregate.items()}
         metrics: dict = {"expert_delta_norm": delta_norm(expert_state, part(state, EXPERT))}
@@ -93,9 +83,8 @@ class FedPTServer(ServerAlgorithm):
         return RoundOutcome(join(theta, **{EXPERT: expert_state}), metrics)
 
     def final_blobs(self, state: State) -> dict[str, bytes]:
-        wd = self.config.wire_dtype
-        return {"global": pack_state(wire_cast(client_part(state), wd)),
-                "expert": pack_state(wire_cast(part(state, EXPERT), wd))}
+        return {"global": self._global_blob(state),
+                "expert": pack_state(wire_cast(part(state, EXPERT), self.config.wire_dtype))}
 
     def expert_with(self, state: State):
         _, expert = self._models()
