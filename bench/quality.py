@@ -84,6 +84,8 @@ class Bench:
         self.s = settings(args.quick)
         if args.rounds:
             self.s["rounds"] = args.rounds
+        if getattr(args, "llm_teacher", None):
+            self.s["fedcollm"]["llm_teacher"] = args.llm_teacher
         self.zoo = build_zoo(quick=False, progress=True)
         self.slm_path, self.llm_path = str(self.zoo["slm-llama"]), str(self.zoo["llm"])
         self.domains = self.s["domains"] or domains()
@@ -352,6 +354,8 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--rounds", type=int, default=None)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--llm-teacher", choices=["slm", "proxy"], default=None,
+                    help="FedCoLLM: what the LLM distils from (default: the settings' choice)")
     ap.add_argument("--out", default="bench/results")
     args = ap.parse_args()
     algos = [a for a in args.algorithm.split(",") if a]

@@ -127,3 +127,23 @@ def test_mutual_distill_moves_both_adapters(tiny_llama_path, tiny_llm_path):
     s1, l1 = adapter_state(slm), adapter_state(llm)
     assert any(not torch.equal(s0[k], s1[k]) for k in s0)
     assert any(not torch.equal(l0[k], l1[k]) for k in l0)
+
+
+def test_mutual_distill_with_the_proxy_as_the_llm_teacher(tiny_llama_path, tiny_llm_path):
+    """llm_teacher="proxy": the LLM's target is base LLM + alpha * (SLM - base SLM). With alpha 0
+    it is the base LLM itself, which a fresh LoRA (B = 0) reproduces exactly: zero KD at step 1."""
+    from algorithms.core.modeling import LoraSpec, attach_lora, load_causal_lm
+    from tests.tiny_models import TINY_CORPUS
+
+    torch.set_num_threads(1)
+    slm, tok, _ = load_causal_lm(tiny_llama_path)
+    slm = attach_lora(slm, LoraSpec(r=4, alpha=8), seed=0)
+    llm, _, _ = load_causal_lm(tiny_llm_path)
+    llm = attach_lora(llm, LoraSpec(r=4, alpha=8), seed=0)
+    cfg = DistillConfig(lr=1e-2, batch_size=4, block_size=16, max_steps=2)
+    m = mutual_distill(llm, slm, TINY_CORPUS, cfg, tokenizer=tok, llm_teacher="proxy", alpha=0.0)
+    assert m["kd_llm_first"] == pytest.approx(0.0, abs=1e-6)
+    m = mutual_distill(llm, slm, TINY_CORPUS, cfg, tokenizer=tok, llm_teacher="proxy", alpha=1.0)
+    assert m["kd_llm_first"] > 0
+    with pytest.raises(TrainingError, match="llm_teacher"):
+        mutual_distill(llm, slm, TINY_CORPUS, cfg, tokenizer=tok, llm_teacher="oracle")

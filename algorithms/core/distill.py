@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from algorithms.core.errors import TrainingError
-from algorithms.core.kd import kd_loss, prediction_mask, task_loss
+from algorithms.core.kd import kd_loss, prediction_mask, proxy_logits, task_loss
 from algorithms.core.textdata import TokenizedDataset
 
 log = logging.getLogger(__name__)
@@ -202,10 +202,17 @@ def distill(student: torch.nn.Module, data: Any, teacher: Teacher, cfg: DistillC
 
 
 def mutual_distill(llm: torch.nn.Module, slm: torch.nn.Module, data: Any, cfg: DistillConfig, *,
-                   tokenizer: Any = None, progress: Any = None, label: str = "mutual") -> dict:
+                   tokenizer: Any = None, progress: Any = None, label: str = "mutual",
+                   llm_teacher: str = "slm", alpha: float = 1.0) -> dict:
     """FedCoLLM's server step: ``L_f + L_g`` with ``L_f = w*CE(f) + lambda*KL(g || f)`` (the LLM
     learns from the SLM) and ``L_g = w*CE(g) + lambda*KL(f || g)`` (the SLM learns from the LLM),
-    each teacher detached. The two models must share a tokenizer (checked by the caller)."""
+    each teacher detached. The two models must share a tokenizer (checked by the caller).
+
+    ``llm_teacher="proxy"``: the LLM learns from the proxy-tuned LLM instead of the raw SLM,
+    ``f_base + alpha * (g - g_base)`` (``*_base``: each model with its adapter disabled), so it
+    takes the SLM's *adaptation* without being pulled towards a weaker model's general errors."""
+    if llm_teacher not in ("slm", "proxy"):
+        raise TrainingError(f"llm_teacher must be 'slm' or 'proxy', got {llm_teacher!r}")
     ds = _dataset(data, tokenizer, cfg)
     lr_llm = cfg.lr_llm if cfg.lr_llm is not None else cfg.lr
     loop = _Loop(ds, cfg, [(_trainable(llm), lr_llm), (_trainable(slm), cfg.lr)], progress, label)
@@ -217,7 +224,19 @@ def mutual_distill(llm: torch.nn.Module, slm: torch.nn.Module, data: Any, cfg: D
         f = llm(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
         g = slm(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
         ce_f, ce_g = task_loss(f, batch["labels"]), task_loss(g, batch["labels"])
-        kd_f = kd_loss(f, g.detach(), mask, cfg.temperature, cfg.kind)
+        if llm_teacher == "proxy":
+            # the base LLM, not the current one: a target built on the LLM's own moving logits
+            # would add the SLM's delta again at every step and run away
+            kw = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "use_cache": False}
+            with torch.no_grad():
+                with slm.disable_adapter():
+                    g_base = slm(**kw).logits
+                with llm.disable_adapter():
+                    f_base = llm(**kw).logits
+            t_f = proxy_logits(f_base, g.detach(), g_base, alpha)
+        else:
+            t_f = g.detach()
+        kd_f = kd_loss(f, t_f, mask, cfg.temperature, cfg.kind)
         kd_g = kd_loss(g, f.detach(), mask, cfg.temperature, cfg.kind)
         loss = cfg.task_weight * (ce_f + ce_g) + cfg.lambda_kd * (kd_f + kd_g)
         return loss, {"loss": float(loss.detach()), "ce_llm": float(ce_f.detach()), "ce_slm": float(ce_g.detach()),

@@ -21,9 +21,15 @@ class FedCoLLMConfig(DistillingConfig):
                                         "lr_llm": 3e-3, "lambda_kd": 1.0, "task_weight": 1.0, "max_steps": 60,
                                         "warmup": 5}
     llm_lora: dict = field(default_factory=lambda: {"r": 8, "alpha": 16, "dropout": 0.0})
+    #: what the LLM distils from: "slm" (the paper) or "proxy", the proxy-tuned LLM
+    #: ``z_LLM + proxy_alpha * (z_SLM - z_SLM_base)``: the SLM's adaptation without its errors
+    llm_teacher: str = "slm"
+    proxy_alpha: float = 1.0
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.llm_teacher not in ("slm", "proxy"):
+            raise ConfigError(f"llm_teacher must be 'slm' or 'proxy', got {self.llm_teacher!r}")
         try:
             self.llm_lora_spec()
         except (TrainingError, TypeError, ValueError) as exc:

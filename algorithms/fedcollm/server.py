@@ -65,7 +65,8 @@ class FedCoLLMServer(SlmAdapterRounds, ServerAlgorithm):
         cfg = self.config.distill_config()
         cfg.seed = cfg.seed + round
         metrics = mutual_distill(llm, slm, public, cfg, tokenizer=self._slm_tok, progress=self.ctx.log,
-                                 label=f"round {round} co-distillation")
+                                 label=f"round {round} co-distillation", llm_teacher=self.config.llm_teacher,
+                                 alpha=self.config.proxy_alpha)
         theta, omega = to_numpy(adapter_state(slm)), to_numpy(adapter_state(llm))
         metrics.update({"slm_delta_norm": delta_norm(theta, client_part(state)),
                         "distill_slm_shift": delta_norm(theta, theta_avg),
