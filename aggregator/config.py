@@ -44,6 +44,7 @@ class AggregatorConfig:
     chunk_size: int | None = None
     stop_clients_when_done: bool = True
     final_wait_s: float = 30.0  # how long to collect clients' evaluations of the final model
+    serve_logits: bool = False  # answer devices' LogitsRequests with the LLM (proxy-tuned generation)
 
     def __post_init__(self) -> None:
         if self.rounds < 1:

@@ -65,6 +65,11 @@ class AggregatorService:
         self._current_round = 0
         ctx = ServerContext(str(self.state_dir), config.seed, config.models, config.public_data, config.llm)
         self.algorithm = registry.get(config.algorithm).server(config.algorithm_config, ctx)
+        self.logits_server = None
+        if config.serve_logits:  # the LLM is built on the first request
+            from .logits_service import LogitsServer
+
+            self.logits_server = LogitsServer(self.endpoint, ctx.llm)
         #: the round's rule: the configured numeric one, or "collect" when the algorithm says so
         self.rule = aggregation_rule(self.algorithm, config.aggregation)
         self._stop = threading.Event()
@@ -306,6 +311,8 @@ class AggregatorService:
 
     def _on_other(self, inbound: Inbound) -> None:
         msg: Message = inbound.message
+        if self.logits_server is not None and self.logits_server.handle(inbound):
+            return
         if isinstance(msg, ErrorReport):
             _event("client_error", client=inbound.sender, code=msg.code, detail=msg.detail)
         else:
@@ -329,6 +336,8 @@ class AggregatorService:
         waiting = set(last) & set(self._online(clients))
         while waiting and time.time() < deadline and not self._stop.is_set():
             inbound = self.endpoint.recv(timeout=0.5)
+            if inbound is not None and self.logits_server is not None and self.logits_server.handle(inbound):
+                continue
             if inbound is not None and isinstance(inbound.message, Note) and inbound.message.kind == "final":
                 self.store.record_event("final_metrics", round=self.cfg.rounds, client=inbound.sender,
                                         detail=json.dumps(inbound.message.data))

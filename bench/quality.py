@@ -57,14 +57,17 @@ def settings(quick: bool) -> dict:
     distill = {"epochs": 100, "batch_size": 8, "block_size": 64, "lr": 1e-3, "max_steps": 30 if quick else 60,
                "warmup": 5}
     return {
-        "rounds": 3 if quick else 5,
+        "rounds": 5 if quick else 8,
         "domains": QUICK_DOMAINS if quick else None,
         "private_limit": 300 if quick else None,
         "eval_limit": 60 if quick else None,
         "fedavg": {"lora": lora, "train": train, "eval_block_size": 64},
         "fedcollm": {"lora": lora, "train": train, "eval_block_size": 64, "llm_lora": lora,
                      "distill": {**distill, "lr_llm": 3e-3, "lambda_kd": 1.0, "task_weight": 1.0,
-                                                 "max_steps": 60 if quick else 120}},
+                                                 "max_steps": 60 if quick else 120},
+                     # the paper's choice; --llm-teacher proxy: the LLM learns the SLM's adaptation
+                     # through the proxy-tuned LLM (0.70 vs 0.68 at 3 rounds, but it degrades by 5)
+                     "llm_teacher": "slm"},
         "fedpt": {"lora": lora, "train": train, "eval_block_size": 64, "alpha": 0.5,
                   "distill": {**distill, "lambda_kd": 1.0, "task_weight": 1.0}},
         "central": {"lrs": [1e-3, 3e-3] if quick else [3e-4, 1e-3, 3e-3], "batch_size": 8, "block_size": 64,

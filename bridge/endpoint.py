@@ -46,7 +46,7 @@ from .errors import (
     TransportError,
 )
 from .keys import Directory, Identity
-from .messages import BlobAck, BlobRef, ChunkRequest, ErrorReport, KeyGrant
+from .messages import ROUNDLESS_TYPES, BlobAck, BlobRef, ChunkRequest, ErrorReport, KeyGrant
 from .topics import Topics
 from .transport import BrokerConfig, MqttTransport, TLSConfig, acked
 
@@ -293,7 +293,7 @@ class Endpoint:
             self.bytes_from[h.sender] += len(payload)
             if kind == "up" and h.sender != party:
                 raise TamperedMessage(f"frame on {party}'s up topic signed by {h.sender!r}")
-            if h.round < self.round_floor:
+            if h.round < self.round_floor and h.type not in ROUNDLESS_TYPES:
                 raise StaleRound(f"{h.type} for round {h.round} from {h.sender}; current floor is {self.round_floor}")
             if h.type == CHUNK:
                 self._on_chunk(h, opened.plaintext)

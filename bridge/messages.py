@@ -12,6 +12,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from .codec import Message, Tensors, register
 
 
@@ -168,3 +170,98 @@ class Note(Message):
     kind: str
     data: dict = field(default_factory=dict)
     round: int = 0
+
+
+# --------------------------------------------------------------------------------------------
+# inference over the wire: request/response, correlated by ``request_id`` in the (encrypted) body
+
+
+def _check_request_id(request_id: object) -> None:
+    if not isinstance(request_id, str) or not request_id or len(request_id) > 128:
+        raise ValueError("request_id must be a non-empty string of at most 128 characters")
+
+
+@register
+@dataclass
+class LogitsRequest(Message):
+    """Client -> aggregator: the large model's next-token log-probabilities after each of the
+    last ``positions`` prefixes of ``ids``, top ``top_k`` per position (proxy-tuned generation
+    on the device). Out of round: the endpoint's stale-round floor does not apply to it
+    (:data:`ROUNDLESS_TYPES`).
+
+    ``__post_init__`` checks the structure (so a frame that decodes is well-typed);
+    :meth:`problem` the ranges, so that a request out of range still reaches the server and
+    gets a :class:`LogitsResponse` with ``error`` set instead of vanishing as a malformed frame."""
+
+    TYPE = "logits_request"
+    VERSION = 1
+    request_id: str
+    ids: list = field(default_factory=list)  # token ids (ints)
+    positions: int = 1
+    top_k: int = 20
+
+    def __post_init__(self) -> None:
+        _check_request_id(self.request_id)
+        if not isinstance(self.ids, list) or any(isinstance(i, bool) or not isinstance(i, int) for i in self.ids):
+            raise ValueError("ids must be a list of ints")
+        for name in ("positions", "top_k"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int):
+                raise ValueError(f"{name} must be an int")
+
+    def problem(self, vocab_size: int | None = None) -> str:
+        """Why this request cannot be answered ("" when it can)."""
+        if not self.ids:
+            return "ids is empty"
+        if not 1 <= self.positions <= len(self.ids):
+            return f"positions must be in [1, {len(self.ids)}], got {self.positions}"
+        if self.top_k < 1:
+            return f"top_k must be >= 1, got {self.top_k}"
+        if vocab_size is not None and any(not 0 <= i < vocab_size for i in self.ids):
+            return f"token ids must be in [0, {vocab_size})"
+        return ""
+
+
+@register
+@dataclass
+class LogitsResponse(Message):
+    """Aggregator -> client: the answer to the :class:`LogitsRequest` with the same
+    ``request_id``. ``tensors`` holds ``values`` (float16/float32 log-probabilities,
+    [positions, k], descending) and ``ids`` (int32 token ids, same shape); or ``error`` is set
+    and ``tensors`` is empty."""
+
+    TYPE = "logits_response"
+    VERSION = 1
+    request_id: str
+    tensors: Tensors = field(default_factory=dict)
+    error: str = ""
+
+    def __post_init__(self) -> None:
+        _check_request_id(self.request_id)
+        if not isinstance(self.error, str):
+            raise ValueError("error must be a string")
+        if not self.tensors:
+            return
+        if self.error:
+            raise ValueError("an error response carries no tensors")
+        if set(self.tensors) != {"values", "ids"}:
+            raise ValueError(f"tensors must be exactly 'values' and 'ids', got {sorted(self.tensors)}")
+        values, ids = self.tensors["values"], self.tensors["ids"]
+        if values.ndim != 2 or values.shape != ids.shape or values.shape[0] < 1 or values.shape[1] < 1:
+            raise ValueError(f"values {values.shape} and ids {ids.shape} must be the same non-empty 2-D shape")
+        if values.dtype not in (np.float16, np.float32):
+            raise ValueError(f"values must be float16 or float32, got {values.dtype}")
+        if ids.dtype != np.int32:
+            raise ValueError(f"ids must be int32, got {ids.dtype}")
+
+    @property
+    def values(self) -> np.ndarray:
+        return self.tensors["values"]
+
+    @property
+    def ids(self) -> np.ndarray:
+        return self.tensors["ids"]
+
+
+#: message types outside the round structure: the endpoint's stale-round floor skips them
+ROUNDLESS_TYPES = frozenset({LogitsRequest.TYPE, LogitsResponse.TYPE})
