@@ -34,7 +34,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--large", default=None, help="local large model dir: turns on proxy-tuning")
     p.add_argument("--large-url", default=None,
                    help="an OpenAI-compatible completions endpoint (vLLM, `cotune llm serve`) as the large model")
-    p.add_argument("--large-top-k", type=int, default=20, help="log-probabilities per position from --large-url")
+    p.add_argument("--large-wire", default=None, metavar="PARTY_CONFIG",
+                   help="ask the aggregator (serve_logits) over the encrypted wire, as this provisioned party")
+    p.add_argument("--large-top-k", type=int, default=20,
+                   help="log-probabilities per position from --large-url / --large-wire")
     p.add_argument("--large-api-key-env", default=None, help="environment variable holding the endpoint's key")
     p.add_argument("--alpha", type=float, default=1.0, help="proxy strength (default 1.0)")
     p.add_argument("--prompt", required=True, help="prompt text ('-' reads stdin)")
@@ -122,6 +125,20 @@ def infer_cli(argv: list[str] | None = None) -> int:
             tok = AutoTokenizer.from_pretrained(ns.model)
             key = os.environ.get(ns.large_api_key_env) if ns.large_api_key_env else None
             ns.large = RemoteLargeModel(ns.large_url, len(tok), top_k=ns.large_top_k, api_key=key, tokenizer=tok)
+        endpoint = None
+        if ns.large_wire is not None:
+            if ns.large is not None:
+                raise InferenceError("give one of --large, --large-url, --large-wire")
+            from transformers import AutoTokenizer
+
+            from bridge.endpoint import load_endpoint
+
+            from .wire import WireLargeModel
+
+            tok = AutoTokenizer.from_pretrained(ns.model)
+            endpoint = load_endpoint(ns.large_wire).start()
+            ns.large = WireLargeModel(endpoint, endpoint.directory.aggregator(), len(tok), top_k=ns.large_top_k,
+                                      tokenizer=tok)
         if ns.large is None:
             if ns.base is not None or ns.speculative:
                 raise InferenceError("--base and --speculative need --large (proxy-tuning)")
@@ -149,6 +166,8 @@ def infer_cli(argv: list[str] | None = None) -> int:
         print(_stats_line(result), file=sys.stderr)
         if hasattr(gen, "close"):
             gen.close()
+        if endpoint is not None:
+            endpoint.close()
         return 0
     except (InferenceError, ModelError, OSError) as exc:
         print(f"cotune infer: {type(exc).__name__}: {exc}", file=sys.stderr)
