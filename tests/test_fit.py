@@ -22,20 +22,9 @@ from firmware_profiles import (
     get_profile,
     plan,
 )
+from tests.tiny_models import LLAMA_7B_CONFIG
 
-# Llama-2-7B's config.json (no weights: the planner reads the config only)
-LLAMA_7B = {
-    "architectures": ["LlamaForCausalLM"],
-    "model_type": "llama",
-    "vocab_size": 32000,
-    "hidden_size": 4096,
-    "intermediate_size": 11008,
-    "num_hidden_layers": 32,
-    "num_attention_heads": 32,
-    "num_key_value_heads": 32,
-    "max_position_embeddings": 4096,
-    "tie_word_embeddings": False,
-}
+LLAMA_7B = LLAMA_7B_CONFIG
 LORA = {"r": 8, "alpha": 16, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]}
 TRAIN = {"lr": 2e-3, "batch_size": 8, "block_size": 64, "max_steps": 40}
 

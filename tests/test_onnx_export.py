@@ -16,6 +16,7 @@ from edge_sdk.inference.onnx_export import (
     load_manifest,
     ort_status,
 )
+from tests.tiny_models import make_random_adapter
 
 pytest.importorskip("onnx", reason="onnx is not installed (pip install cotune[onnx])")
 if not ort_status()[0]:  # also covers a broken native library, not only a missing package
@@ -29,20 +30,7 @@ ATOL = 1e-4
 TEXT = "The quick brown fox jumps over the lazy dog. Knowledge speaks, but wisdom listens."
 
 
-def make_adapter(base, out, seed=1, scale=0.2):
-    """A peft LoRA adapter on ``base`` with non-zero random B (peft starts B at zero)."""
-    import torch
-
-    from algorithms.core.modeling import LoraSpec, attach_lora, load_causal_lm, save_peft_adapter
-
-    model, _, _ = load_causal_lm(base)
-    peft_model = attach_lora(model, LoraSpec(r=4, alpha=8.0), seed=seed)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, prm in peft_model.named_parameters():
-            if "lora_B" in name:
-                prm.copy_(torch.randn(prm.shape, generator=g) * scale)
-    return save_peft_adapter(peft_model, base, out)
+make_adapter = make_random_adapter
 
 
 def torch_logits(model_dir, ids, adapter=None):

@@ -9,18 +9,9 @@ import math
 import pytest
 
 from edge_sdk.profiler import EXIT_DOES_NOT_FIT, EXIT_USAGE, profile_cli
+from tests.tiny_models import LLAMA_7B_CONFIG
 
-LLAMA_7B = {
-    "model_type": "llama",
-    "vocab_size": 32000,
-    "hidden_size": 4096,
-    "intermediate_size": 11008,
-    "num_hidden_layers": 32,
-    "num_attention_heads": 32,
-    "num_key_value_heads": 32,
-    "max_position_embeddings": 4096,
-    "tie_word_embeddings": False,
-}
+LLAMA_7B = LLAMA_7B_CONFIG
 COMMON = ["--device", "generic-cpu", "--threads", "1"]
 
 

@@ -27,6 +27,7 @@ from edge_sdk.inference.proxy import (
     log_softmax,
     proxy_logits,
 )
+from tests.tiny_models import make_random_adapter
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -39,19 +40,7 @@ def have_ort() -> bool:
     return ort_status()[0]
 
 
-def make_adapter(base, out, seed=1, scale=0.2):
-    import torch
-
-    from algorithms.core.modeling import LoraSpec, attach_lora, load_causal_lm, save_peft_adapter
-
-    model, _, _ = load_causal_lm(base)
-    peft_model = attach_lora(model, LoraSpec(r=4, alpha=8.0), seed=seed)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, prm in peft_model.named_parameters():
-            if "lora_B" in name:
-                prm.copy_(torch.randn(prm.shape, generator=g) * scale)
-    return save_peft_adapter(peft_model, base, out)
+make_adapter = make_random_adapter
 
 
 @pytest.fixture(scope="module")

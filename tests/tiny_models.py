@@ -15,8 +15,10 @@ from pathlib import Path
 import pytest
 
 __all__ = [
+    "LLAMA_7B_CONFIG",
     "TINY_CORPUS",
     "TINY_PAIRS",
+    "make_random_adapter",
     "make_tiny_gpt2",
     "make_tiny_llama",
     "session_model",
@@ -178,3 +180,35 @@ def session_model(kind: str, factory: pytest.TempPathFactory) -> Path:
         path = maker(factory.mktemp(f"tiny-{kind}"))
         _FIXTURE_CACHE[kind] = path
     return path
+
+
+# Llama-2-7B's config.json (no weights: the memory planner reads the config only)
+LLAMA_7B_CONFIG = {
+    "architectures": ["LlamaForCausalLM"],
+    "model_type": "llama",
+    "vocab_size": 32000,
+    "hidden_size": 4096,
+    "intermediate_size": 11008,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 32,
+    "max_position_embeddings": 4096,
+    "tie_word_embeddings": False,
+}
+
+
+def make_random_adapter(base, out, seed=1, scale=0.2):
+    """A peft LoRA adapter on ``base`` with non-zero random B (peft starts B at zero, which
+    would make an adapter invisible), saved in the standard peft format at ``out``."""
+    import torch
+
+    from algorithms.core.modeling import LoraSpec, attach_lora, load_causal_lm, save_peft_adapter
+
+    model, _, _ = load_causal_lm(base)
+    peft_model = attach_lora(model, LoraSpec(r=4, alpha=8.0), seed=seed)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, prm in peft_model.named_parameters():
+            if "lora_B" in name:
+                prm.copy_(torch.randn(prm.shape, generator=g) * scale)
+    return save_peft_adapter(peft_model, base, out)
