@@ -180,8 +180,9 @@ class EdgeClient:
 
     def _does_not_fit(self, task: Task) -> str | None:
         """The memory plan of this task on this device, checked before anything is downloaded
-        or trained: a message when it cannot fit, else None. Needs a device profile and an
-        algorithm that trains the device's own model with the task's LoRA/train config."""
+        or trained: a message when it cannot fit, else None. A task that fits only with
+        activation checkpointing turns it on instead of being refused. Needs a device profile
+        and an algorithm that trains the device's own model with the task's LoRA/train config."""
         if not self.profile or not isinstance(task.config.get("train"), dict):
             return None
         try:
@@ -192,10 +193,18 @@ class EdgeClient:
             return None
         from .fit import check_task_fits
 
+        ckpt = bool(task.config["train"].get("gradient_checkpointing") or self.ctx.gradient_checkpointing)
         try:
             d = check_task_fits(self.profile, self.ctx.model_path, task.config.get("lora") or {},
-                                task.config["train"], self.ctx.quant,
-                                bool(task.config["train"].get("gradient_checkpointing", self.ctx.gradient_checkpointing)))
+                                task.config["train"], self.ctx.quant, ckpt)
+            if not d.fits and not ckpt:  # the device's own default: checkpoint rather than refuse
+                d2 = check_task_fits(self.profile, self.ctx.model_path, task.config.get("lora") or {},
+                                     task.config["train"], self.ctx.quant, True)
+                if d2.fits:
+                    log.warning("%s: round %d fits only with activation checkpointing; turning it on",
+                                self.party_id, task.round)
+                    self.ctx.gradient_checkpointing = True
+                    return None
         except Exception as exc:  # a plan that cannot be made is not a reason to refuse
             log.info("%s: no memory plan for this task (%s); training anyway", self.party_id, exc)
             return None

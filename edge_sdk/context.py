@@ -8,6 +8,7 @@ algorithm keeps across rounds (such as that emulator) live under :meth:`DeviceCo
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import tempfile
@@ -104,6 +105,8 @@ class DeviceContext:
     def train(self, data: Any, cfg: TrainConfig, extra_loss: Any = None, **kw) -> TrainResult:
         if self._peft is None:
             raise RuntimeError("call model(lora) before train()")
+        if self.gradient_checkpointing and not cfg.gradient_checkpointing:  # chosen for this device
+            cfg = dataclasses.replace(cfg, gradient_checkpointing=True)
         return train_causal_lm(self._peft, data, cfg, progress=self.progress, extra_loss=extra_loss,
                                tokenizer=self._tok, **kw)
 

@@ -144,3 +144,28 @@ def test_edge_client_refuses_a_task_that_cannot_fit_before_downloading(make_fede
     assert sent[0][1].code == "does_not_fit" and "GiB" in sent[0][1].detail
     assert client.history[-1]["error"] == "does_not_fit"
     assert client._does_not_fit(Task(round=1, algorithm="fedbiot", config=task.config)) is None  # trains the emulator
+
+
+def test_edge_client_turns_on_checkpointing_when_that_is_what_makes_the_task_fit(make_federation, tmp_path,
+                                                                                 llama7b_dir):
+    """A task that fits the device only with activation checkpointing is not refused: the
+    client turns checkpointing on (its own device default) and trains."""
+    from bridge.messages import Task
+    from edge_sdk.client import EdgeClient
+
+    paths = make_federation("fitfed2", ["dev1"])
+    lora, quant = {"r": 8, "target_modules": ["q_proj", "v_proj"]}, "nf4"
+    found = None
+    for block in (256, 512, 1024, 2048, 4096):
+        train = {"batch_size": 8, "block_size": block}
+        plain = check_task_fits("agx-orin-32gb", llama7b_dir, lora, train, quant, False)
+        ckpt = check_task_fits("agx-orin-32gb", llama7b_dir, lora, train, quant, True)
+        if not plain.fits and ckpt.fits:
+            found = train
+            break
+    assert found is not None, "no configuration separates checkpointing from not on this profile"
+    client = EdgeClient(paths.party_config("dev1"), llama7b_dir, ["text"], profile="agx-orin-32gb", quant=quant,
+                        work_dir=tmp_path / "w", progress=None)
+    assert client.ctx.gradient_checkpointing is False
+    assert client._does_not_fit(Task(round=1, algorithm="fedavg", config={"lora": lora, "train": found})) is None
+    assert client.ctx.gradient_checkpointing is True
