@@ -27,7 +27,6 @@ from __future__ import annotations
 import itertools
 import math
 import time
-import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any, NamedTuple
@@ -45,11 +44,9 @@ from algorithms.core.emulator import (
 from algorithms.core.modeling import (
     DEFAULT_LORA_TARGETS,
     LoraSpec,
-    disable_cpu_weight_repacking,
-    is_checkpointing,
+    attach_lora,
     is_quantized,
     model_type_of,
-    set_gradient_checkpointing,
 )
 from algorithms.core.textdata import TokenizedDataset
 from algorithms.core.training import TrainProgress, _Reporter
@@ -97,30 +94,13 @@ def attach_layer_lora(
     The plan-free form of :func:`attach_adapter_lora` (same initial values for the same layers
     and ``seed``), for runtimes that know the layer indices but not the plan.
     """
-    from peft import PeftModel, get_peft_model
+    from peft import PeftModel
 
     if not isinstance(spec, LoraSpec):
         raise EmulatorError(f"spec must be a LoraSpec, got {type(spec).__name__}")
     if isinstance(model, PeftModel):
         raise EmulatorError("model already carries a peft adapter; attach to the base model")
-    peft_cfg = spec.to_peft_config(model_type_of(model), **layer_lora_kwargs(model, list(layers)))
-    checkpointing = is_checkpointing(model)
-    for prm in model.parameters():
-        prm.requires_grad_(False)
-    with warnings.catch_warnings():
-        warnings.filterwarnings(
-            "ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning
-        )
-        if seed is None:
-            peft_model = get_peft_model(model, peft_cfg)
-        else:
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(seed)
-                peft_model = get_peft_model(model, peft_cfg)
-    disable_cpu_weight_repacking(peft_model)
-    if checkpointing:
-        set_gradient_checkpointing(peft_model, True)
-    return peft_model
+    return attach_lora(model, spec, seed=seed, peft_extra=layer_lora_kwargs(model, list(layers)))
 
 
 class MiddleOutput(NamedTuple):

@@ -646,6 +646,7 @@ def attach_lora(
     *,
     seed: int | None = None,
     upcast_for_stability: bool = False,
+    peft_extra: Mapping[str, Any] | None = None,
 ) -> Any:
     """Freeze the base model and wrap it in a ``PeftModel`` with a fresh LoRA adapter.
 
@@ -653,7 +654,8 @@ def attach_lora(
     upcast of every non-quantized fp16/bf16 weight (embeddings, LM head, norms) to fp32, which
     can double the memory of a small model; pass ``upcast_for_stability=True`` to get peft's
     exact behaviour. LoRA tensors are fp32 (peft's default). ``seed`` makes the LoRA init
-    deterministic without touching the global RNG.
+    deterministic without touching the global RNG. ``peft_extra``: more ``LoraConfig`` fields
+    (e.g. ``layers_to_transform`` to adapt only some decoder layers).
     """
     from peft import PeftModel, get_peft_model, prepare_model_for_kbit_training
 
@@ -677,7 +679,7 @@ def attach_lora(
     if is_quantized(model) and upcast_for_stability:
         prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
 
-    peft_cfg = spec.to_peft_config(model_type)
+    peft_cfg = spec.to_peft_config(model_type, **dict(peft_extra or {}))
     with warnings.catch_warnings():
         # peft still queries transformers' deprecated `is_gradient_checkpointing`
         warnings.filterwarnings(
