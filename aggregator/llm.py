@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from algorithms.core.kd import check_shared_vocabulary, complete_topk
+from algorithms.core.kd import complete_topk
 from algorithms.core.modeling import LoraSpec, attach_lora, load_causal_lm
 from algorithms.core.openai_api import CompletionsClient, LLMBackendError
 
@@ -89,7 +89,7 @@ class BlackBoxLLM:
     def __init__(self, url: str, tokenizer_path: str, *, model: str | None = None, top_k: int = 20,
                  api_key: str | None = None, timeout_s: float = 120.0, vocab_size: int | None = None,
                  max_batch: int = 16):
-        _, self._tok, _ = _load_tokenizer_only(tokenizer_path)
+        self._tok = _load_tokenizer(tokenizer_path)
         self.client = CompletionsClient(url, model, api_key=api_key, top_k=top_k, timeout_s=timeout_s,
                                         max_batch=max_batch)
         self._vocab = int(vocab_size or len(self._tok))
@@ -152,13 +152,12 @@ class BlackBoxLLM:
                 "requests": self.client.requests}
 
 
-def _load_tokenizer_only(path: str):
+def _load_tokenizer(path: str) -> Any:
     from transformers import AutoTokenizer
 
     if not os.path.isdir(path):
         raise LLMConfigError(f"llm.tokenizer {path!r} is not a local tokenizer directory")
-    tok = AutoTokenizer.from_pretrained(path)
-    return None, tok, None
+    return AutoTokenizer.from_pretrained(path)
 
 
 def make_llm_backend(cfg: dict, models: dict) -> LocalLLM | BlackBoxLLM:
@@ -195,7 +194,3 @@ def make_llm_backend(cfg: dict, models: dict) -> LocalLLM | BlackBoxLLM:
     if cfg:
         raise LLMConfigError(f"unknown llm keys for the blackbox backend: {sorted(cfg)}")
     return BlackBoxLLM(url, tok, api_key=api_key, **kw)
-
-
-def shared_vocabulary(llm: LocalLLM | BlackBoxLLM, slm_tokenizer: Any, what: str) -> None:
-    check_shared_vocabulary(llm.tokenizer(), slm_tokenizer, what)

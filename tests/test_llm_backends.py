@@ -148,3 +148,19 @@ def test_fedcollm_refuses_a_blackbox_llm_and_a_foreign_tokenizer(tmp_path, tiny_
     ctx = ServerContext(str(tmp_path), 0, {"slm": str(tiny_gpt2_path), "llm": str(tiny_llm_path)}, TINY_CORPUS)
     with pytest.raises(VocabularyMismatch):
         FedCoLLMServer({}, ctx).initial_state()
+
+
+def test_evaluate_proxy_at_alpha_zero_is_the_llm_alone(tiny_llama_path, tiny_llm_path):
+    from algorithms.core.modeling import LoraSpec, attach_lora, load_causal_lm
+    from algorithms.core.textdata import evaluate_nll
+    from algorithms.fedpt import evaluate_proxy
+
+    llm = LocalLLM(str(tiny_llm_path))
+    slm, tok, _ = load_causal_lm(tiny_llama_path)
+    expert = attach_lora(slm, LoraSpec(r=4, alpha=8), seed=0)
+    got = evaluate_proxy(llm, expert, tok, TINY_CORPUS, [0.0, 1.0], block_size=16)
+    ref = evaluate_nll(llm.model, tok, TINY_CORPUS, block_size=16)
+    assert got[0.0].nll == pytest.approx(ref.nll, rel=1e-5) and got[0.0].tokens == ref.tokens
+    assert got[0.0].accuracy == pytest.approx(ref.accuracy)
+    # a fresh LoRA (B = 0) is the base: the expert and anti-expert cancel at any alpha
+    assert got[1.0].nll == pytest.approx(ref.nll, rel=1e-5)

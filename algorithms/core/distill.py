@@ -24,6 +24,7 @@ import torch
 from algorithms.core.errors import TrainingError
 from algorithms.core.kd import kd_loss, prediction_mask, proxy_logits, task_loss
 from algorithms.core.textdata import TokenizedDataset
+from algorithms.core.training import _lr_lambda  # the same warmup + schedule as local training
 
 log = logging.getLogger(__name__)
 
@@ -93,20 +94,6 @@ class DistillConfig:
         return cls(**dict(d))
 
 
-def _schedule(cfg: DistillConfig, total: int) -> Callable[[int], float]:
-    warm = int(round(cfg.warmup * total)) if 0 < cfg.warmup < 1 else int(cfg.warmup)
-
-    def fn(step: int) -> float:
-        if warm and step < warm:
-            return (step + 1) / (warm + 1)
-        if cfg.schedule == "constant" or total <= warm:
-            return 1.0
-        frac = min(1.0, (step - warm) / max(1, total - warm))
-        return max(0.0, 1.0 - frac) if cfg.schedule == "linear" else 0.5 * (1 + math.cos(math.pi * frac))
-
-    return fn
-
-
 def _trainable(model: torch.nn.Module) -> list[torch.nn.Parameter]:
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
@@ -136,7 +123,7 @@ class _Loop:
         self.ds, self.cfg, self.label = ds, cfg, label
         self.total = _steps(ds, cfg)
         self.opts = [torch.optim.AdamW(params, lr=lr, weight_decay=0.0, foreach=False) for params, lr in groups]
-        self.scheds = [torch.optim.lr_scheduler.LambdaLR(o, _schedule(cfg, self.total)) for o in self.opts]
+        self.scheds = [torch.optim.lr_scheduler.LambdaLR(o, _lr_lambda(cfg, self.total)) for o in self.opts]
         self.params = [p for params, _ in groups for p in params]
         self.progress = progress
         self.history: list[dict] = []

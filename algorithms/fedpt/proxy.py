@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from algorithms.core.kd import proxy_logits
-from algorithms.core.textdata import EvalResult, TokenizedDataset
+from algorithms.core.textdata import EvalResult, TokenizedDataset, causal_lm_token_stats
 
 
 class _RowCache:
@@ -38,9 +38,9 @@ class _RowCache:
         todo = [i for i, k in enumerate(keys) if k not in self.rows]
         self.hits += len(keys) - len(todo)
         self.misses += len(todo)
-        fresh = self.backend.logprobs(input_ids[todo], attention_mask[todo]) if todo else None
-        if fresh is not None and len(self.rows) + len(todo) > self.max_rows:
+        if len(self.rows) + len(todo) > self.max_rows:
             return self.backend.logprobs(input_ids, attention_mask)  # over budget: no memo
+        fresh = self.backend.logprobs(input_ids[todo], attention_mask[todo]) if todo else None
         for j, i in enumerate(todo):
             self.rows[keys[i]] = fresh[j][attention_mask[i].bool()].to(torch.float16)
         v = next(iter(self.rows.values())).shape[-1] if self.rows else self.backend.vocab_size
@@ -90,18 +90,12 @@ def evaluate_proxy(llm: Any, expert: torch.nn.Module, tokenizer: Any, texts: Seq
     for batch in ds.batches(batch_size, shuffle=False):
         large = teacher.llm(batch["input_ids"], batch["attention_mask"])
         tuned, base = teacher.small_pair(batch["input_ids"], batch["attention_mask"])
-        labels = batch["labels"][:, 1:]
-        valid = labels != -100
-        tgt = labels.clamp_min(0)
         for a in alphas:
-            lp = torch.log_softmax(proxy_logits(large, tuned, base, a), dim=-1)[:, :-1]
-            if int(tgt.max()) >= lp.shape[-1]:
-                raise ValueError("a target token lies outside the common vocabulary")
-            nll = -lp.gather(-1, tgt.unsqueeze(-1)).squeeze(-1)
+            nll, correct, n = causal_lm_token_stats(proxy_logits(large, tuned, base, a), batch["labels"])
             s = sums[a]
-            s[0] += float(nll[valid].sum())
-            s[1] += int(((lp.argmax(-1) == tgt) & valid).sum())
-            s[2] += int(valid.sum())
+            s[0] += float(nll)
+            s[1] += int(correct)
+            s[2] += int(n)
     out = {}
     for a, (nll, correct, n) in sums.items():
         mean = nll / max(n, 1)

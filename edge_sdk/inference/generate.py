@@ -591,6 +591,14 @@ def merge_config(cfg: SamplingConfig | None, overrides: dict[str, Any]) -> Sampl
 # the generator
 
 
+def run_to_end(stream: TextStream) -> GenerationResult:
+    """Consume a stream and return its result (``generate`` of every generator)."""
+    for _ in stream:
+        pass
+    assert stream.result is not None
+    return stream.result
+
+
 class Generator:
     """Text generation on one backend. ``gate`` selects tuned (1.0) or base (0.0) on a gated
     backend. :meth:`decoder` exposes the per-step logits API (prefill / step / rollback)."""
@@ -640,8 +648,4 @@ class Generator:
     def generate(
         self, prompt: str | Sequence[int], cfg: SamplingConfig | None = None, **overrides: Any
     ) -> GenerationResult:
-        stream = self.stream(prompt, cfg, **overrides)
-        for _ in stream:
-            pass
-        assert stream.result is not None
-        return stream.result
+        return run_to_end(self.stream(prompt, cfg, **overrides))

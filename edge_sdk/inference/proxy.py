@@ -51,6 +51,7 @@ from .generate import (
     load_backend,
     merge_config,
     next_token_probs,
+    run_to_end,
     sample_from,
 )
 
@@ -415,11 +416,7 @@ class ProxyGenerator:
     def generate(
         self, prompt: str | Sequence[int], cfg: SamplingConfig | None = None, **overrides: Any
     ) -> GenerationResult:
-        stream = self.stream(prompt, cfg, **overrides)
-        for _ in stream:
-            pass
-        assert stream.result is not None
-        return stream.result
+        return run_to_end(self.stream(prompt, cfg, **overrides))
 
     def _plain(
         self, ids: list[int], cfg: SamplingConfig, rng: np.random.Generator, c: _Counters

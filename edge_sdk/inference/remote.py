@@ -16,18 +16,15 @@ from algorithms.core.openai_api import CompletionsClient
 
 
 def complete_topk_np(values: np.ndarray, ids: np.ndarray, vocab_size: int) -> np.ndarray:
-    """Dense log-probabilities ``[rows, vocab_size]`` from top-k rows (``-inf`` = padding)."""
-    valid = np.isfinite(values)
-    vals = np.where(valid, values, -np.inf).astype(np.float64)
-    m = np.max(np.where(valid, vals, -1e30), axis=-1, keepdims=True)
-    known = m + np.log(np.sum(np.where(valid, np.exp(vals - m), 0.0), axis=-1, keepdims=True))
-    known = np.minimum(known, 0.0)
-    rest = np.maximum(-np.expm1(known), 1e-12)
-    n_rest = np.maximum(vocab_size - valid.sum(-1, keepdims=True), 1)
-    out = np.repeat(np.log(rest / n_rest), vocab_size, axis=-1)
-    rows = np.nonzero(valid)
-    out[rows[0], ids[rows]] = vals[rows]
-    return out.astype(np.float32)
+    """Dense log-probabilities ``[rows, vocab_size]`` from top-k rows (``-inf`` = padding): the
+    aggregator's completion (:func:`algorithms.core.kd.complete_topk`) on numpy arrays."""
+    import torch
+
+    from algorithms.core.kd import complete_topk
+
+    dense = complete_topk(torch.from_numpy(np.asarray(values, dtype=np.float32)),
+                          torch.from_numpy(np.asarray(ids, dtype=np.int64)), int(vocab_size))
+    return dense.numpy().astype(np.float32, copy=False)
 
 
 class RemoteLargeModel:
