@@ -96,22 +96,27 @@ def _edge(args: argparse.Namespace) -> int:
     return 0
 
 
-def _profiles(args: argparse.Namespace) -> int:
-    from firmware_profiles.cli import profiles_cli
-
-    return profiles_cli(args.rest)
 
 
-def _plan(args: argparse.Namespace) -> int:
-    from firmware_profiles.cli import plan_cli
 
-    return plan_cli(args.rest)
+#: subcommands with their own argument parsers: name -> ("module:function(argv) -> int", help).
+#: Imported only when called, so a device without the ML extras still runs the others.
+_PASSTHROUGH = {
+    "profiles": ("firmware_profiles.cli:profiles_cli", "Jetson-class device profiles: list | show ID"),
+    "plan": ("firmware_profiles.cli:plan_cli", "will a training job fit on a device? (memory planner)"),
+    "profile": ("edge_sdk.profiler:profile_cli",
+                "measure a real training round or generation on this device, beside the plan"),
+    "infer": ("edge_sdk.inference.cli:infer_cli", "generate on the device: ONNX Runtime, proxy-tuned with a large model"),
+    "llm": ("aggregator.llm_server:llm_cli", "serve a local model through the OpenAI-compatible completions API"),
+    "zoo": ("algorithms.zoo.cli:zoo_cli", "build / inspect the project's tiny pretrained model zoo"),
+}
 
 
-def _zoo(args: argparse.Namespace) -> int:
-    from algorithms.zoo.cli import zoo_cli
+def _passthrough(name: str, argv: list[str]) -> int:
+    import importlib
 
-    return zoo_cli(args.zoo_args)
+    module, func = _PASSTHROUGH[name][0].split(":")
+    return int(getattr(importlib.import_module(module), func)(argv) or 0)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -163,60 +168,23 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--save-adapter", help="write the final global adapter here (peft format)")
     s.set_defaults(func=_edge)
 
-    s = sub.add_parser("profiles", help="Jetson-class device profiles: list | show ID", add_help=False)
-    s.add_argument("rest", nargs=argparse.REMAINDER)
-    s.set_defaults(func=_profiles)
-
-    s = sub.add_parser("plan", help="will a training job fit on a device? (memory planner)", add_help=False)
-    s.add_argument("rest", nargs=argparse.REMAINDER)
-    s.set_defaults(func=_plan)
-
-    s = sub.add_parser("profile", help="measure a real training round or generation on this device, beside the plan",
-                       add_help=False)
-    s.add_argument("rest", nargs=argparse.REMAINDER)
-    s.set_defaults(func=_profile)
-
-    s = sub.add_parser("infer", help="generate on the device: ONNX Runtime, proxy-tuned with a large model", add_help=False)
-    s.add_argument("rest", nargs=argparse.REMAINDER)
-    s.set_defaults(func=_infer)
-
-    s = sub.add_parser("llm", help="serve a local model through the OpenAI-compatible completions API", add_help=False)
-    s.add_argument("rest", nargs=argparse.REMAINDER)
-    s.set_defaults(func=_llm)
-
-    s = sub.add_parser("zoo", help="build / inspect the project's tiny pretrained model zoo")
-    s.add_argument("zoo_args", nargs=argparse.REMAINDER, help="e.g. build [--quick]")
-    s.set_defaults(func=_zoo)
+    for name, (_, text) in _PASSTHROUGH.items():
+        s = sub.add_parser(name, help=text, add_help=False)
+        s.add_argument("rest", nargs=argparse.REMAINDER)
+        s.set_defaults(func=lambda a, name=name: _passthrough(name, a.rest))
     return p
 
 
-def _llm(args) -> int:
-    from aggregator.llm_server import llm_cli
-
-    return llm_cli(args.rest)
 
 
-def _infer(args) -> int:
-    from edge_sdk.inference.cli import infer_cli
 
-    return infer_cli(args.rest)
-
-
-def _profile(args) -> int:
-    from edge_sdk.profiler import profile_cli
-
-    return profile_cli(args.rest)
-
-
-_PASSTHROUGH = {"profiles": _profiles, "plan": _plan, "zoo": _zoo, "llm": _llm, "infer": _infer, "profile": _profile}
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in _PASSTHROUGH:  # subcommands with their own parsers
         logging.basicConfig(level=logging.WARNING)
-        key = "zoo_args" if argv[0] == "zoo" else "rest"
-        return int(_PASSTHROUGH[argv[0]](argparse.Namespace(**{key: argv[1:]})) or 0)
+        return _passthrough(argv[0], argv[1:])
     args = build_parser().parse_args(argv)
     level = logging.WARNING - 10 * min(args.verbose, 2)
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
