@@ -87,6 +87,8 @@ class Bench:
         self.s = settings(args.quick)
         if args.rounds:
             self.s["rounds"] = args.rounds
+        if getattr(args, "no_align", False):
+            self.s["fedpt"]["align_base"] = None
         if getattr(args, "llm_teacher", None):
             self.s["fedcollm"]["llm_teacher"] = args.llm_teacher
         self.zoo = build_zoo(quick=False, progress=True)
@@ -247,6 +249,9 @@ class Bench:
         dev_mean = {a: sum(dev[d][a].nll for d in self.domains) / len(self.domains) for a in ALPHAS}
         alpha = min(ALPHAS, key=lambda a: dev_mean[a])
         test = {d: evaluate_proxy(llm, expert, tok, self.test[d], [alpha], block_size=64)[alpha] for d in self.domains}
+        # the proxy against its own parts: the expert SLM alone and the (aligned) anti-expert alone
+        self.results["slm_fedpt_expert"] = self.eval_domains(expert, tok)
+        self.results["slm_fedpt_anti"] = self.eval_domains(res.server._plain, tok)
         self.results["proxy_dev_by_alpha"] = dev_mean
         self.results["proxy_alpha"] = alpha
         self.results["llm_proxy"] = {d: {"nll": r.nll, "ppl": r.ppl, "acc": r.accuracy} for d, r in test.items()}
@@ -291,6 +296,9 @@ class Bench:
                 "proxy_gap_closed": round((m(r["llm_zero_shot"]) - m(r["llm_proxy"])) / gap, 4),
                 "alpha": r["proxy_alpha"], "nll_proxy": round(m(r["llm_proxy"]), 4),
                 "nll_slm": round(m(r["slm_fedpt"]), 4),
+                "align_base": self.s["fedpt"].get("align_base", {}) is not None,
+                "nll_expert_slm": round(m(r["slm_fedpt_expert"]), 4),
+                "nll_anti_expert_slm": round(m(r["slm_fedpt_anti"]), 4),
                 "slm_vs_standalone": round(self.ratio_ppl("slm_fedpt", "slm_standalone"), 4),
                 "slm_vs_fedavg": round(self.ratio_ppl("slm_fedpt", "slm_fedavg"), 4),
                 "acc_proxy": round(m(r["llm_proxy"], "acc"), 4)}
@@ -359,6 +367,8 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--llm-teacher", choices=["slm", "proxy"], default=None,
                     help="FedCoLLM: what the LLM distils from (default: the settings' choice)")
+    ap.add_argument("--no-align", action="store_true",
+                    help="FedPT: keep the device's own SLM as base and anti-expert (the paper's setting)")
     ap.add_argument("--out", default="bench/results")
     args = ap.parse_args()
     algos = [a for a in args.algorithm.split(",") if a]
@@ -376,7 +386,7 @@ def main() -> int:
     fig = b.figures(algos)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    tag = "-".join(algos) + ("-quick" if args.quick else "")
+    tag = "-".join(algos) + ("-quick" if args.quick else "") + ("-noalign" if args.no_align else "")
     (out / f"quality-{tag}.json").write_text(json.dumps({"figures": fig, **b.results}, indent=2, default=str))
     b.plot(out / f"quality-{tag}.png", algos)
     b.say(f"wrote {out / f'quality-{tag}.json'} and .png")

@@ -28,7 +28,8 @@ ROWS = {
     "fedavg": ({"train": TRAIN, "eval_block_size": 16}, {"wire_dtype": "int3"}),
     "fedcollm": ({"train": TRAIN, "eval_block_size": 16, "distill": DISTILL, "llm_lora": {"r": 4, "alpha": 8}},
                  {"distill": {"lambda_kd": -1.0}}),
-    "fedpt": ({"train": TRAIN, "eval_block_size": 16, "distill": DISTILL, "alpha": 0.8},
+    "fedpt": ({"train": TRAIN, "eval_block_size": 16, "distill": DISTILL, "alpha": 0.8,
+               "align_base": {"max_steps": 2, "batch_size": 4, "block_size": 16}},
               {"alpha": float("nan")}),
     # on the 3-layer tiny LLM: adapter = the top layer, the 2 middle layers thinned to 1
     "fedbiot": ({"train": TRAIN, "eval_block_size": 16, "lora": {"r": 4, "alpha": 8}, "n_adapter_top": 1,

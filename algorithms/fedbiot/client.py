@@ -1,19 +1,18 @@
 from __future__ import annotations
 
-import hashlib
-import shutil
+import json
 from collections.abc import Mapping
-from pathlib import Path
 
 from algorithms.base import ClientAlgorithm, ClientReport, unpack_state
-from algorithms.core.emulator import adapter_layers
+from algorithms.core.checkpoint_blob import use_checkpoint_blob
+from algorithms.core.emulator import EMULATOR_PLAN_NAME, adapter_layers
 from algorithms.core.lora_state import from_wire, to_wire
 from algorithms.core.modeling import adapter_state, load_adapter_state
 from algorithms.fedavg.client import held_out_metrics
 
 from .config import FedBiOTConfig
 from .merge import MergedProximal
-from .payload import emulator_plan, unpack_emulator
+from .payload import read_emulator_meta
 
 EMULATORS_DIR = "fedbiot-emulators"
 KEEP_EMULATORS = 2  # the current one and the previous (a repeated task may still name it)
@@ -23,22 +22,10 @@ def use_emulator(blob: bytes, ctx):
     """Unpack the emulator blob under the device's workspace (named by its SHA-256, so an
     unchanged emulator is neither written nor loaded again), make it the context's base model
     and return its plan."""
-    digest = hashlib.sha256(blob).hexdigest()
-    root = Path(ctx.workspace()) / EMULATORS_DIR
-    target = root / digest
-    if not target.is_dir():
-        plan = emulator_plan(blob)  # validates before anything is written
-        unpack_emulator(blob, target)
-        old = sorted(
-            (p for p in root.iterdir() if p.is_dir() and p != target),
-            key=lambda p: p.stat().st_mtime,
-        )
-        for p in old[: max(0, len(old) - (KEEP_EMULATORS - 1))]:
-            shutil.rmtree(p, ignore_errors=True)
-    else:
-        plan = emulator_plan(blob)
-    ctx.use_base(str(target))
-    return plan
+    meta = read_emulator_meta(blob)  # validates before anything is written
+    plan = (json.dumps(meta["plan"].to_dict(), indent=2) + "\n").encode("utf-8")
+    use_checkpoint_blob(blob, ctx, EMULATORS_DIR, meta, keep=KEEP_EMULATORS, extra_files={EMULATOR_PLAN_NAME: plan})
+    return meta["plan"]
 
 
 class FedBiOTClient(ClientAlgorithm):

@@ -20,7 +20,7 @@ from algorithms.core.kd import proxy_logits
 from algorithms.core.textdata import EvalResult, TokenizedDataset, causal_lm_token_stats
 
 
-class _RowCache:
+class LLMRowCache:
     def __init__(self, backend: Any, max_rows: int = 100_000):
         self.backend, self.max_rows = backend, max_rows
         self.rows: dict[bytes, torch.Tensor] = {}
@@ -54,7 +54,7 @@ class ProxyTeacher:
     """Callable ``teacher(batch) -> [B, T, V]`` proxy-tuned log-probabilities."""
 
     def __init__(self, llm: Any, expert: torch.nn.Module, alpha: float = 1.0):
-        self.llm = _RowCache(llm)
+        self.llm = llm if isinstance(llm, LLMRowCache) else LLMRowCache(llm)
         self.expert = expert
         self.alpha = float(alpha)
 
