@@ -22,14 +22,16 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 TRAIN = {"lr": 5e-3, "epochs": 1, "batch_size": 4, "block_size": 16, "max_steps": 3}
 DISTILL = {"batch_size": 4, "block_size": 16, "max_steps": 2}
+ALIGN = {"batch_size": 4, "block_size": 16, "max_steps": 2}
 
 #: algorithm -> (a valid small config, a config that must be refused)
 ROWS = {
     "fedavg": ({"train": TRAIN, "eval_block_size": 16}, {"wire_dtype": "int3"}),
-    "fedcollm": ({"train": TRAIN, "eval_block_size": 16, "distill": DISTILL, "llm_lora": {"r": 4, "alpha": 8}},
+    "fedcollm": ({"train": TRAIN, "eval_block_size": 16, "distill": DISTILL, "llm_lora": {"r": 4, "alpha": 8},
+                  "align_base": ALIGN},
                  {"distill": {"lambda_kd": -1.0}}),
     "fedpt": ({"train": TRAIN, "eval_block_size": 16, "distill": DISTILL, "alpha": 0.8,
-               "align_base": {"max_steps": 2, "batch_size": 4, "block_size": 16}},
+               "align_base": ALIGN},
               {"alpha": float("nan")}),
     # on the 3-layer tiny LLM: adapter = the top layer, the 2 middle layers thinned to 1
     "fedbiot": ({"train": TRAIN, "eval_block_size": 16, "lora": {"r": 4, "alpha": 8}, "n_adapter_top": 1,

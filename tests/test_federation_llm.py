@@ -24,6 +24,7 @@ pytestmark = [pytest.mark.usefixtures("one_torch_thread"),
 SHARDS = {"alice": TINY_CORPUS[0::2], "bob": TINY_CORPUS[1::2]}
 TRAIN = {"lr": 5e-3, "max_steps": 2, "batch_size": 4, "block_size": 16}
 DISTILL = {"batch_size": 4, "block_size": 16, "max_steps": 2, "warmup": 0, "lr": 5e-3, "lr_llm": 5e-3}
+ALIGN = {"batch_size": 4, "block_size": 16, "max_steps": 5}
 
 
 @pytest.fixture
@@ -44,7 +45,7 @@ def test_llm_algorithms_over_mosquitto(algorithm, fed, tmp_path, tiny_llama_path
     try:
         cfg = AggregatorConfig(
             party_config=str(fed.party_config("aggregator")), state_dir=str(tmp_path / "agg"), rounds=2,
-            algorithm=algorithm, algorithm_config={"train": TRAIN, "distill": DISTILL, "eval_block_size": 16,
+            algorithm=algorithm, algorithm_config={"train": TRAIN, "distill": DISTILL, "align_base": ALIGN, "eval_block_size": 16,
                                                    "lora": {"r": 4, "alpha": 8}},
             models={"slm": str(tiny_llama_path), "llm": str(tiny_llm_path)}, llm=llm, public_data=TINY_CORPUS[:8],
             min_clients=2, round_deadline_s=60, wait_for_clients_s=30, final_wait_s=10)
@@ -75,7 +76,7 @@ def test_llm_algorithms_over_mosquitto(algorithm, fed, tmp_path, tiny_llama_path
     assert any(np.abs(g1[k] - mean[k]).max() > 1e-3 for k in client_keys)
     if algorithm == "fedpt":  # the aligned SLM base went over the wire once and the clients trained on it
         for n in SHARDS:
-            assert len(list((work / n).rglob("fedpt-bases/*/model.safetensors"))) == 1
+            assert len(list((work / n).rglob("aligned-bases/*/model.safetensors"))) == 1
     for c in clients:
         assert [h["round"] for h in c.history] == [1, 2]
         assert np.isfinite(c.final["nll_final"])

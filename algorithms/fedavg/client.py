@@ -3,6 +3,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from algorithms.base import ClientAlgorithm, ClientReport, unpack_state
+from algorithms.core.aligned_base import use_sent_base
 from algorithms.core.lora_state import from_wire, to_wire
 from algorithms.core.modeling import adapter_state, load_adapter_state
 
@@ -19,10 +20,15 @@ def held_out_metrics(ctx, block_size: int) -> dict:
 
 
 class FedAvgClient(ClientAlgorithm):
+    """Train the broadcast LoRA adapter on the private data and upload it. The base is the
+    device's own SLM, or the aligned SLM base when the aggregator sends one (FedCoLLM, FedPT:
+    ``algorithms.core.aligned_base``)."""
+
     name = "fedavg"
 
     def run(self, task, downloads: Mapping[str, bytes], ctx) -> ClientReport:
         cfg = FedAvgConfig.from_dict(task.config)
+        use_sent_base(downloads, ctx)
         model = ctx.model(cfg.lora_spec())
         load_adapter_state(model, from_wire(unpack_state(downloads["global"])))
         before = held_out_metrics(ctx, cfg.eval_block_size)
@@ -36,6 +42,7 @@ class FedAvgClient(ClientAlgorithm):
 
     def apply_final(self, downloads: Mapping[str, bytes], ctx, config: Mapping | None = None) -> dict:
         cfg = FedAvgConfig.from_dict(dict(config or {}))
+        use_sent_base(downloads, ctx)
         model = ctx.model(cfg.lora_spec())
         load_adapter_state(model, from_wire(unpack_state(downloads["global"])))
         return {f"{k}_final": v for k, v in held_out_metrics(ctx, cfg.eval_block_size).items()}

@@ -73,11 +73,15 @@ class FedAvgConfig:
 class DistillingConfig(FedAvgConfig):
     """FedAvg's client fields plus a server-side distillation step on the public set D_a
     (FedCoLLM, FedPT). ``distill``: :class:`DistillConfig` fields; a partial dict overrides the
-    subclass's ``DISTILL_DEFAULTS``. ``public_max_samples`` caps D_a per round (None: all)."""
+    subclass's ``DISTILL_DEFAULTS``. ``public_max_samples`` caps D_a per round (None: all).
+    ``align_base``: align the SLM base to the LLM before round 1 and federate on it (see
+    :mod:`algorithms.core.aligned_base`): DistillConfig fields over its ``ALIGN_DEFAULTS``
+    (``{}``, the default: the defaults), or None to keep the device's own SLM."""
 
     DISTILL_DEFAULTS: ClassVar[dict] = {}
     distill: dict = field(default_factory=dict)
     public_max_samples: int | None = None
+    align_base: dict | None = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -92,6 +96,9 @@ class DistillingConfig(FedAvgConfig):
             raise ConfigError(f"{type(self).__name__}: {exc}") from exc
         if self.public_max_samples is not None and self.public_max_samples < 1:
             raise ConfigError("public_max_samples must be None or >= 1")
+        from algorithms.core.aligned_base import align_settings
+
+        self.align_base = align_settings(self.align_base)
 
     def distill_config(self):
         from algorithms.core.distill import DistillConfig

@@ -1,6 +1,6 @@
-"""FedPT's aligned SLM base: the server distils the base LLM into a full copy of the SLM before
-round 1; that copy is the anti-expert, the clients' base (sent once as a checked checkpoint
-blob) and part of the state, so a restarted aggregator sends the identical bytes."""
+"""The aligned SLM base (FedPT, FedCoLLM): the server distils the base LLM into a full copy of
+the SLM before round 1; that copy is the clients' base (sent once as a checked checkpoint blob),
+FedPT's anti-expert, and part of the state, so a restarted aggregator sends the same bytes."""
 
 from __future__ import annotations
 
@@ -17,8 +17,11 @@ from algorithms.core.modeling import load_causal_lm
 from algorithms.core.state_parts import part
 from algorithms.core.textdata import TokenizedDataset
 from algorithms.fedpt import FedPTConfig
-from algorithms.fedpt.client import BASES_DIR, BaseBlobError, FedPTClient, use_sent_base
-from algorithms.fedpt.server import BASE, FedPTServer
+from algorithms.core.aligned_base import BASES_DIR, BaseBlobError, use_sent_base
+from algorithms.fedpt.client import FedPTClient
+from algorithms.core.aligned_base import BASE
+from algorithms.fedcollm import FedCoLLMServer
+from algorithms.fedpt.server import FedPTServer
 from bridge.messages import Task
 from edge_sdk.context import DeviceContext
 from tests.tiny_models import TINY_CORPUS
@@ -65,9 +68,10 @@ def test_alignment_moves_the_slm_base_toward_the_llm(tmp_path, tiny_llama_path, 
     assert torch.allclose(a, b, atol=1e-5)
 
 
-def test_base_blob_is_deterministic_and_survives_a_restart(tmp_path, tiny_llama_path, tiny_llm_path):
-    cfg = {"train": TRAIN, "distill": DISTILL, "align_base": ALIGN}
-    first = FedPTServer(cfg, _ctx(tmp_path, tiny_llama_path, tiny_llm_path))
+@pytest.mark.parametrize("server_cls", [FedPTServer, FedCoLLMServer])
+def test_base_blob_is_deterministic_and_survives_a_restart(server_cls, tmp_path, tiny_llama_path, tiny_llm_path):
+    cfg = {"train": TRAIN, "distill": DISTILL, "align_base": ALIGN, "llm_lora": {"r": 4, "alpha": 8}}
+    first = server_cls(cfg, _ctx(tmp_path, tiny_llama_path, tiny_llm_path))
     state = first.initial_state()
     plan = first.plan_round(1, state)
     assert plan.blobs[BASE] == first.plan_round(2, state).blobs[BASE]
@@ -75,13 +79,13 @@ def test_base_blob_is_deterministic_and_survives_a_restart(tmp_path, tiny_llama_
     assert set(part(out.state, BASE)) == set(part(state, BASE))  # carried, unchanged
     assert all(np.array_equal(part(out.state, BASE)[k], part(state, BASE)[k]) for k in part(state, BASE))
     # a restarted aggregator rebuilds everything from the state, without aligning again
-    again = FedPTServer(cfg, _ctx(tmp_path, tiny_llama_path, tiny_llm_path))
+    again = server_cls(cfg, _ctx(tmp_path, tiny_llama_path, tiny_llm_path))
     assert again.plan_round(2, out.state).blobs[BASE] == plan.blobs[BASE]
     assert again.align_metrics == {}
     # a state from a federation started without alignment is refused, not silently re-aligned
     plain = {k: v for k, v in out.state.items() if not k.startswith(BASE + "/")}
     with pytest.raises(ConfigError, match="no aligned base"):
-        FedPTServer(cfg, _ctx(tmp_path, tiny_llama_path, tiny_llm_path)).plan_round(2, plain)
+        server_cls(cfg, _ctx(tmp_path, tiny_llama_path, tiny_llm_path)).plan_round(2, plain)
 
 
 def test_client_trains_on_the_sent_base_and_refuses_a_bad_one(tmp_path, tiny_llama_path, tiny_llm_path):
