@@ -71,7 +71,7 @@ def settings(quick: bool) -> dict:
         "fedpt": {"lora": lora, "train": train, "eval_block_size": 64, "alpha": 0.5,
                   "distill": {**distill, "lambda_kd": 1.0, "task_weight": 1.0}},
         "central": {"lrs": [1e-3, 3e-3] if quick else [3e-4, 1e-3, 3e-3], "batch_size": 8, "block_size": 64,
-                    "eval_every": 20, "max_steps": 160 if quick else 400, "warmup": 5},
+                    "eval_every": 20, "max_steps": 400 if quick else 800, "warmup": 5},
     }
 
 

@@ -37,7 +37,7 @@ ALGORITHM_DEFAULTS["fedcollm"] = {
 }
 ALGORITHM_DEFAULTS["fedpt"] = {
     **ALGORITHM_DEFAULTS["fedavg"],
-    "alpha": 0.5,  # chosen on dev in bench/quality.py (alpha 1.0 over-corrects with the zoo pair)
+    "alpha": 1.0,  # on the aligned SLM base alpha 1.0 is best on dev (bench/quality.py)
     "distill": {"epochs": 1, "batch_size": 8, "block_size": 64, "lr": 1e-3, "lambda_kd": 1.0, "task_weight": 1.0,
                 "max_steps": 40, "warmup": 5},
 }
@@ -76,6 +76,7 @@ def _algorithm_config(algorithm: str, quick: bool) -> dict:
         cfg["train"]["max_steps"] = 15
         if "distill" in cfg:
             cfg["distill"]["max_steps"] = 15
+            cfg["align_base"] = {"max_steps": 60}  # the SLM base's alignment to the LLM
         for step in ("llm_train", "kd_train"):
             if step in cfg:
                 cfg[step]["max_steps"] = 10

@@ -12,15 +12,14 @@ import torch
 
 from aggregator.context import ServerContext
 from algorithms.base import ConfigError
+from algorithms.core.aligned_base import BASE, BASES_DIR, BaseBlobError, use_sent_base
 from algorithms.core.kd import kd_loss
 from algorithms.core.modeling import load_causal_lm
 from algorithms.core.state_parts import part
 from algorithms.core.textdata import TokenizedDataset
-from algorithms.fedpt import FedPTConfig
-from algorithms.core.aligned_base import BASES_DIR, BaseBlobError, use_sent_base
-from algorithms.fedpt.client import FedPTClient
-from algorithms.core.aligned_base import BASE
 from algorithms.fedcollm import FedCoLLMServer
+from algorithms.fedpt import FedPTConfig
+from algorithms.fedpt.client import FedPTClient
 from algorithms.fedpt.server import FedPTServer
 from bridge.messages import Task
 from edge_sdk.context import DeviceContext

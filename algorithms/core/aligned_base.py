@@ -22,7 +22,11 @@ import numpy as np
 import torch
 
 from algorithms.base import ConfigError, State
-from algorithms.core.checkpoint_blob import CheckpointBlobError, pack_checkpoint, read_checkpoint_meta
+from algorithms.core.checkpoint_blob import (
+    CheckpointBlobError,
+    pack_checkpoint,
+    read_checkpoint_meta,
+)
 from algorithms.core.distill import DistillConfig, distill
 from algorithms.core.state_parts import part
 
