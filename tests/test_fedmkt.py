@@ -9,6 +9,7 @@ import threading
 
 import numpy as np
 import pytest
+import torch
 
 from aggregator.aggregation import Collect, aggregator_from_state
 from aggregator.config import AggregatorConfig
@@ -464,3 +465,30 @@ def test_service_resumes_a_collect_round_from_its_persisted_partial(
     for k, v in checked.tensors.items():
         np.testing.assert_array_equal(got[k], v)
     again.discard()
+
+
+def test_tail_aware_topk_kd_is_calibrated():
+    """Renormalised top-k targets push the student to zero mass outside the k ids; the tail
+    bucket's minimum is the teacher itself, and with k = V both equal the full soft-target CE."""
+    from algorithms.fedmkt.targets import topk_kd_loss
+
+    torch.manual_seed(0)
+    teacher = torch.randn(2, 5, 50) * 2
+    logp = torch.log_softmax(teacher, -1)
+    values, ids = logp.topk(8, dim=-1)
+    mask = torch.ones(2, 5, dtype=torch.bool)
+    grads = {}
+    for tail in (False, True):
+        student = teacher.clone().requires_grad_(True)
+        topk_kd_loss(student, values, ids, mask, kind="kl", tail=tail).backward()
+        grads[tail] = float(student.grad.norm())
+    assert grads[True] < 1e-5 < grads[False]  # the teacher is the tail-aware loss's minimum, not the other's
+    student = torch.randn(2, 5, 50)
+    full_v, full_i = logp.topk(50, dim=-1)
+    full_ce = -(logp.exp() * torch.log_softmax(student, -1)).sum(-1).mean()
+    for tail in (False, True):
+        assert float(topk_kd_loss(student, full_v, full_i, mask, tail=tail)) == pytest.approx(float(full_ce), rel=1e-4)
+    with pytest.raises(ValueError, match="temperature 1"):
+        topk_kd_loss(student, values, ids, mask, temperature=2.0, tail=True)
+    with pytest.raises(ConfigError, match="kd_tail"):
+        FedMKTConfig.from_dict({"kd_tail": True, "temperature": 2.0})

@@ -170,7 +170,7 @@ class FedMKTClient(ClientAlgorithm):
             distilled = ctx.train(
                 data,
                 replace(kd_cfg, block_size=data.block_size),
-                extra_loss=kd_term(cfg.kd_weight, cfg.temperature, cfg.kd_kind),
+                extra_loss=kd_term(cfg.kd_weight, cfg.temperature, cfg.kd_kind, cfg.kd_tail),
             )
             kd["kd_train"] = distilled.to_dict()
         result = ctx.train(private, cfg.train_config())

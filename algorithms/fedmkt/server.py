@@ -377,7 +377,7 @@ class FedMKTServer(ServerAlgorithm):
             data,
             replace(cfg, block_size=data.block_size),
             progress=None,
-            extra_loss=kd_term(self.config.kd_weight, self.config.temperature, self.config.kd_kind),
+            extra_loss=kd_term(self.config.kd_weight, self.config.temperature, self.config.kd_kind, self.config.kd_tail),
         )
         self.ctx.log(
             f"round {round}: LLM trained {result.steps} steps on {len(self.public())} public samples "

@@ -145,15 +145,38 @@ def topk_kd_loss(
     mask: torch.Tensor,
     temperature: float = 1.0,
     kind: str = "ce",
+    tail: bool = False,
 ) -> torch.Tensor:
     """Soft-target loss against a top-k teacher, averaged over the masked positions.
 
     The teacher distribution is the softmax of its finite top-k ``values / T`` (renormalised
     over the k entries it sent); the student's log-probabilities are taken over its whole
     vocabulary at the teacher's ``ids``. ``kind="ce"``: ``-sum p log q`` (the paper's
-    soft-target cross-entropy); ``"kl"``: ``sum p (log p - log q)``. Scaled by ``T^2``."""
+    soft-target cross-entropy); ``"kl"``: ``sum p (log p - log q)``. Scaled by ``T^2``.
+
+    ``tail=True`` (temperature 1 only): the teacher's top-k probabilities are taken as sent
+    (full-vocabulary log-probabilities, not renormalised) and the mass it did not send is one
+    more bucket, matched by the student's mass outside those ids. The renormalised target tells
+    the student that every other token has probability 0, which makes it over-confident on
+    held-out text; the tail bucket keeps its calibration."""
     vocab = logits.shape[-1]
     valid = torch.isfinite(values) & (ids < vocab) & (ids >= 0)
+    if tail:
+        if temperature != 1.0:
+            raise ValueError("tail-aware top-k KD needs temperature 1 (the sent values are log-probabilities)")
+        logp = torch.where(valid, values.float().clamp(max=0.0), torch.full_like(values, _FILL, dtype=torch.float32))
+        p = logp.exp() * valid
+        p_tail = (1.0 - p.sum(-1)).clamp_min(0.0)
+        logq_all = torch.log_softmax(logits.float(), dim=-1)
+        logq = logq_all.gather(-1, ids.clamp(0, vocab - 1).long())
+        q_top = (logq.exp() * valid).sum(-1)
+        logq_tail = torch.log((1.0 - q_top).clamp_min(1e-6))
+        per_pos = -(p * logq).sum(-1) - p_tail * logq_tail
+        if kind == "kl":
+            per_pos = per_pos + (p * torch.where(valid, logp, torch.zeros_like(logp))).sum(-1)
+            per_pos = per_pos + p_tail * torch.log(p_tail.clamp_min(1e-12))
+        m = mask.float() * valid.any(-1).float()
+        return (per_pos * m).sum() / m.sum().clamp_min(1.0)
     t = torch.where(
         valid, values.float() / temperature, torch.full_like(values, _FILL, dtype=torch.float32)
     )
@@ -169,7 +192,7 @@ def topk_kd_loss(
     return (per_pos * m).sum() / m.sum().clamp_min(1.0) * (temperature**2)
 
 
-def kd_term(weight: float, temperature: float, kind: str):
+def kd_term(weight: float, temperature: float, kind: str, tail: bool = False):
     """The training loop's ``extra_loss``: ``weight`` x :func:`topk_kd_loss` on batches of a
     :class:`TargetDataset` (zero where a batch has no target)."""
 
@@ -178,7 +201,7 @@ def kd_term(weight: float, temperature: float, kind: str):
         if weight == 0 or mask is None or not bool(mask.any()):
             return outputs.logits.new_zeros(())
         return weight * topk_kd_loss(
-            outputs.logits, batch["kd_values"], batch["kd_ids"], mask, temperature, kind
+            outputs.logits, batch["kd_values"], batch["kd_ids"], mask, temperature, kind, tail
         )
 
     return term
