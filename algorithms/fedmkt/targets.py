@@ -159,28 +159,14 @@ def topk_kd_loss(
     more bucket, matched by the student's mass outside those ids. The renormalised target tells
     the student that every other token has probability 0, which makes it over-confident on
     held-out text; the tail bucket keeps its calibration."""
+    if tail and temperature != 1.0:
+        raise ValueError("tail-aware top-k KD needs temperature 1 (the sent values are log-probabilities)")
     vocab = logits.shape[-1]
     valid = torch.isfinite(values) & (ids < vocab) & (ids >= 0)
-    if tail:
-        if temperature != 1.0:
-            raise ValueError("tail-aware top-k KD needs temperature 1 (the sent values are log-probabilities)")
-        logp = torch.where(valid, values.float().clamp(max=0.0), torch.full_like(values, _FILL, dtype=torch.float32))
-        p = logp.exp() * valid
-        p_tail = (1.0 - p.sum(-1)).clamp_min(0.0)
-        logq_all = torch.log_softmax(logits.float(), dim=-1)
-        logq = logq_all.gather(-1, ids.clamp(0, vocab - 1).long())
-        q_top = (logq.exp() * valid).sum(-1)
-        logq_tail = torch.log((1.0 - q_top).clamp_min(1e-6))
-        per_pos = -(p * logq).sum(-1) - p_tail * logq_tail
-        if kind == "kl":
-            per_pos = per_pos + (p * torch.where(valid, logp, torch.zeros_like(logp))).sum(-1)
-            per_pos = per_pos + p_tail * torch.log(p_tail.clamp_min(1e-12))
-        m = mask.float() * valid.any(-1).float()
-        return (per_pos * m).sum() / m.sum().clamp_min(1.0)
-    t = torch.where(
-        valid, values.float() / temperature, torch.full_like(values, _FILL, dtype=torch.float32)
-    )
-    logp = torch.log_softmax(t, dim=-1)
+    fill = torch.full_like(values, _FILL, dtype=torch.float32)
+    # the teacher's top-k log-probabilities: as sent (tail) or renormalised over the k ids
+    logp = torch.where(valid, values.float().clamp(max=0.0), fill) if tail else \
+        torch.log_softmax(torch.where(valid, values.float() / temperature, fill), dim=-1)
     p = logp.exp() * valid
     logq = torch.log_softmax(logits.float() / temperature, dim=-1).gather(
         -1, ids.clamp(0, vocab - 1).long()
@@ -188,6 +174,12 @@ def topk_kd_loss(
     per_pos = -(p * logq).sum(-1)
     if kind == "kl":
         per_pos = per_pos + (p * torch.where(valid, logp, torch.zeros_like(logp))).sum(-1)
+    if tail:  # the unsent mass, one bucket each side
+        p_tail = (1.0 - p.sum(-1)).clamp_min(0.0)
+        logq_tail = torch.log((1.0 - (logq.exp() * valid).sum(-1)).clamp_min(1e-6))
+        per_pos = per_pos - p_tail * logq_tail
+        if kind == "kl":
+            per_pos = per_pos + p_tail * torch.log(p_tail.clamp_min(1e-12))
     m = mask.float() * valid.any(-1).float()
     return (per_pos * m).sum() / m.sum().clamp_min(1.0) * (temperature**2)
 
