@@ -1,18 +1,17 @@
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 
 from algorithms.base import ClientAlgorithm, ClientReport, unpack_state
 from algorithms.core.checkpoint_blob import use_checkpoint_blob
-from algorithms.core.emulator import EMULATOR_PLAN_NAME, adapter_layers
+from algorithms.core.emulator import adapter_layers
 from algorithms.core.lora_state import from_wire, to_wire
 from algorithms.core.modeling import adapter_state, load_adapter_state
 from algorithms.fedavg.client import held_out_metrics
 
 from .config import FedBiOTConfig
 from .merge import MergedProximal
-from .payload import read_emulator_meta
+from .payload import plan_file, read_emulator_meta
 
 EMULATORS_DIR = "fedbiot-emulators"
 KEEP_EMULATORS = 2  # the current one and the previous (a repeated task may still name it)
@@ -23,8 +22,7 @@ def use_emulator(blob: bytes, ctx):
     unchanged emulator is neither written nor loaded again), make it the context's base model
     and return its plan."""
     meta = read_emulator_meta(blob)  # validates before anything is written
-    plan = (json.dumps(meta["plan"].to_dict(), indent=2) + "\n").encode("utf-8")
-    use_checkpoint_blob(blob, ctx, EMULATORS_DIR, meta, keep=KEEP_EMULATORS, extra_files={EMULATOR_PLAN_NAME: plan})
+    use_checkpoint_blob(blob, ctx, EMULATORS_DIR, meta, keep=KEEP_EMULATORS, extra_files=plan_file(meta))
     return meta["plan"]
 
 

@@ -60,11 +60,15 @@ def emulator_plan(blob: bytes | bytearray) -> EmulatorPlan:
     return read_emulator_meta(blob)["plan"]
 
 
+def plan_file(meta: dict) -> dict[str, bytes]:
+    """The plan as the file an unpacked emulator directory carries beside its weights."""
+    return {EMULATOR_PLAN_NAME: (json.dumps(meta["plan"].to_dict(), indent=2) + "\n").encode("utf-8")}
+
+
 def unpack_emulator(blob: bytes | bytearray, directory: str | os.PathLike) -> Path:
     """Write the blob as a checkpoint directory (atomically: a complete directory or none).
 
     An existing ``directory`` is taken as already unpacked (callers name it by content hash).
     """
     meta = read_emulator_meta(blob)
-    plan = (json.dumps(meta["plan"].to_dict(), indent=2) + "\n").encode("utf-8")
-    return unpack_checkpoint(blob, directory, meta, {EMULATOR_PLAN_NAME: plan})
+    return unpack_checkpoint(blob, directory, meta, plan_file(meta))

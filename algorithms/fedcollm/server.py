@@ -31,14 +31,13 @@ class FedCoLLMServer(AlignedBaseServer, SlmAdapterRounds, ServerAlgorithm):
         super().__init__(config, ctx)
         self.config = FedCoLLMConfig.from_dict(dict(config))
         self._slm = None
-        self._slm_tok = None
         self._llm = None
 
     # -- models, loaded once and reused across rounds --------------------------------------
     def slm(self, state: State | None = None):
         if self._slm is None:
             self._require_local()
-            plain, self._slm_tok = self.slm_base(state)
+            plain, _ = self.slm_base(state)
             self._slm = attach_lora(copy.deepcopy(plain), self.config.lora_spec(), seed=self.config.lora_seed)
         return self._slm
 
@@ -53,7 +52,7 @@ class FedCoLLMServer(AlignedBaseServer, SlmAdapterRounds, ServerAlgorithm):
         if self._llm is None:
             backend = self._require_local()
             self.slm(state)
-            check_shared_vocabulary(backend.tokenizer(), self._slm_tok, "FedCoLLM's SLM and LLM")
+            check_shared_vocabulary(backend.tokenizer(), self._plain_tok, "FedCoLLM's SLM and LLM")
             self._llm = backend.trainable(self.config.llm_lora_spec(), seed=self.config.lora_seed)
         return self._llm
 
@@ -70,7 +69,7 @@ class FedCoLLMServer(AlignedBaseServer, SlmAdapterRounds, ServerAlgorithm):
         load_adapter_state(llm, to_torch(part(state, LLM)))
         cfg = self.config.distill_config()
         cfg.seed = cfg.seed + round
-        metrics = mutual_distill(llm, slm, public, cfg, tokenizer=self._slm_tok, progress=self.ctx.log,
+        metrics = mutual_distill(llm, slm, public, cfg, tokenizer=self._plain_tok, progress=self.ctx.log,
                                  label=f"round {round} co-distillation", llm_teacher=self.config.llm_teacher,
                                  alpha=self.config.proxy_alpha)
         theta, omega = to_numpy(adapter_state(slm)), to_numpy(adapter_state(llm))
