@@ -90,7 +90,8 @@ class Bench:
         if args.rounds:
             self.s["rounds"] = args.rounds
         if getattr(args, "no_align", False):
-            self.s["fedpt"]["align_base"] = None
+            for algo in ("fedcollm", "fedpt"):
+                self.s[algo]["align_base"] = None
         if getattr(args, "llm_teacher", None):
             self.s["fedcollm"]["llm_teacher"] = args.llm_teacher
         self.zoo = build_zoo(quick=False, progress=True)
@@ -253,7 +254,7 @@ class Bench:
         test = {d: evaluate_proxy(llm, expert, tok, self.test[d], [alpha], block_size=64)[alpha] for d in self.domains}
         # the proxy against its own parts: the expert SLM alone and the (aligned) anti-expert alone
         self.results["slm_fedpt_expert"] = self.eval_domains(expert, tok)
-        self.results["slm_fedpt_anti"] = self.eval_domains(res.server._plain, tok)
+        self.results["slm_fedpt_anti"] = self.eval_domains(res.server.slm_base()[0], tok)
         self.results["proxy_dev_by_alpha"] = dev_mean
         self.results["proxy_alpha"] = alpha
         self.results["llm_proxy"] = {d: {"nll": r.nll, "ppl": r.ppl, "acc": r.accuracy} for d, r in test.items()}
@@ -370,7 +371,8 @@ def main() -> int:
     ap.add_argument("--llm-teacher", choices=["slm", "proxy"], default=None,
                     help="FedCoLLM: what the LLM distils from (default: the settings' choice)")
     ap.add_argument("--no-align", action="store_true",
-                    help="FedPT: keep the device's own SLM as base and anti-expert (the paper's setting)")
+                    help="FedCoLLM and FedPT: keep the device's own SLM as base (and FedPT's "
+                         "anti-expert): the papers' setting")
     ap.add_argument("--out", default="bench/results")
     args = ap.parse_args()
     algos = [a for a in args.algorithm.split(",") if a]
