@@ -73,13 +73,13 @@ class FedPTServer(AlignedBaseServer, SlmAdapterRounds, ServerAlgorithm):
 
     def finish_round(self, round: int, state: State, aggregate: State) -> RoundOutcome:
         expert_state = {k: v for k, v in aggregate.items()}
-        student, expert = self._models(state)
         metrics: dict = {"expert_delta_norm": delta_norm(expert_state, part(state, EXPERT))}
         if round == 1:
             metrics.update(self.align_metrics)
         keep = self.base_part(state)
         if self.config.distill_rounds == "none":
             return RoundOutcome(join(expert_state, **{EXPERT: expert_state}, **keep), metrics)
+        student, expert = self._models(state)
         public = self.public_for_distillation()
         teacher = self.teacher()
         load_adapter_state(expert, to_torch(expert_state))
