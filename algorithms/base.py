@@ -179,6 +179,12 @@ class ClientAlgorithm(ABC):
     @abstractmethod
     def run(self, task: Any, downloads: Mapping[str, bytes], ctx: ClientContext) -> ClientReport: ...
 
+    def needs_blob(self, name: str, ctx: ClientContext) -> bool:
+        """Whether this device needs blob ``name`` of a Task or of the final note; the runtime
+        fetches only those (e.g. a FedMKT device skips the other client families' blobs).
+        Default: every blob."""
+        return True
+
     def apply_final(self, downloads: Mapping[str, bytes], ctx: ClientContext, config: Mapping | None = None) -> dict:
         """Apply the final global model after the last round; returns metrics. Optional."""
         return {}

@@ -371,8 +371,8 @@ def main() -> int:
     ap.add_argument("--llm-teacher", choices=["slm", "proxy"], default=None,
                     help="FedCoLLM: what the LLM distils from (default: the settings' choice)")
     ap.add_argument("--no-align", action="store_true",
-                    help="FedCoLLM and FedPT: keep the device's own SLM as base (and FedPT's "
-                         "anti-expert): the papers' setting")
+                    help="FedCoLLM, FedPT and FedMKT: keep the device's own SLM as base (and "
+                         "FedPT's anti-expert): the papers' setting")
     ap.add_argument("--out", default="bench/results")
     args = ap.parse_args()
     algos = [a for a in args.algorithm.split(",") if a]

@@ -57,7 +57,8 @@ def simulate(algorithm: str, config: Mapping[str, Any], server_ctx: ServerContex
         task = Task(round=r, algorithm=algorithm, config=plan.config)
         for ctx in clients:
             ctx.round = r
-            report = halves[ctx.party_id].run(task, plan.blobs, ctx)
+            half = halves[ctx.party_id]
+            report = half.run(task, _needed(half, plan.blobs, ctx), ctx)
             checked = check_update(server, rule, report.tensors, uspec, client=ctx.party_id)
             agg.add(ctx.party_id, checked.tensors, weight=server.update_weight(report.metrics, report.num_examples))
             rec.clients[ctx.party_id] = report.metrics
@@ -78,5 +79,11 @@ def simulate(algorithm: str, config: Mapping[str, Any], server_ctx: ServerContex
     if apply_final:
         blobs = server.final_blobs(state)
         for ctx in clients:
-            final[ctx.party_id] = halves[ctx.party_id].apply_final(blobs, ctx, server.client_config())
+            half = halves[ctx.party_id]
+            final[ctx.party_id] = half.apply_final(_needed(half, blobs, ctx), ctx, server.client_config())
     return SimResult(state, history, final, server)
+
+
+def _needed(half, blobs: dict, ctx) -> dict:
+    """The blobs a device would fetch (as the edge runtime does: ``needs_blob``)."""
+    return {name: b for name, b in blobs.items() if half.needs_blob(name, ctx)}

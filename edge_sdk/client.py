@@ -127,11 +127,13 @@ class EdgeClient:
             return
         t0 = time.time()
         downloads, cached_names = {}, []
+        algo = registry.get(task.algorithm).client()
         for name in task.downloads:
+            if not algo.needs_blob(name, self.ctx):
+                continue
             downloads[name], hit = self._download(task.blob(name), sender, task.round)
             if hit:
                 cached_names.append(name)
-        algo = registry.get(task.algorithm).client()
         self._algorithm = (algo, task.config)
         self.ctx.round = task.round
         with PeakMemory() as peak:
@@ -219,13 +221,15 @@ class EdgeClient:
 
     def _apply_final(self, note: Note, sender: str) -> None:
         downloads = {}
+        algo = registry.get(note.data.get("algorithm", "fedavg")).client()
         for name, ref in note.data.get("downloads", {}).items():
+            if not algo.needs_blob(name, self.ctx):
+                continue
             try:
                 downloads[name], _ = self._download(BlobRef.from_json(ref), sender, note.round)
             except BridgeError as exc:
                 log.warning("%s: could not fetch the final %s: %s", self.party_id, name, exc)
                 return
-        algo = registry.get(note.data.get("algorithm", "fedavg")).client()
         self._algorithm = (algo, note.data.get("config", {}))
         self.final = algo.apply_final(downloads, self.ctx, note.data.get("config", {}))
         try:

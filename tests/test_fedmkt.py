@@ -50,6 +50,7 @@ CONFIG = {
     "llm_train": {"max_steps": 2, "batch_size": 4},
 }
 PUBLIC = TINY_CORPUS[:8]
+ALIGN = {"max_steps": 3, "batch_size": 4, "block_size": 16, "warmup": 0}  # align_base, small
 
 
 @pytest.fixture
@@ -66,13 +67,13 @@ def fed(make_federation):
     broker.stop()
 
 
-def _run_federation(fed, tmp_path, models, paths, *, rounds, **cfg_kw):
+def _run_federation(fed, tmp_path, models, paths, *, rounds, config=CONFIG, **cfg_kw):
     cfg = AggregatorConfig(
         party_config=str(fed.party_config("aggregator")),
         state_dir=str(tmp_path / "agg"),
         rounds=rounds,
         algorithm="fedmkt",
-        algorithm_config=CONFIG,
+        algorithm_config=config,
         models=models,
         llm={"backend": "local"},
         public_data=PUBLIC,
@@ -110,9 +111,26 @@ def test_heterogeneous_federation_over_mosquitto(
     fed, tmp_path, models, tiny_llama_path, tiny_gpt2_path
 ):
     status, clients, work = _run_federation(
-        fed, tmp_path, models, {"alice": tiny_llama_path, "bob": tiny_gpt2_path}, rounds=2
+        fed, tmp_path, models, {"alice": tiny_llama_path, "bob": tiny_gpt2_path}, rounds=2,
+        config={**CONFIG, "align_base": ALIGN},
     )
     assert status["last_committed"]["round"] == 2
+    # the aligned base of alice's family (the LLM's tokenizer) reached alice and only alice
+    from algorithms.core.aligned_base import BASE_FORMAT
+    from algorithms.core.checkpoint_blob import CheckpointBlobError, read_checkpoint_meta
+
+    def bases_fetched(name):
+        found = 0
+        for f in (work / name / "blobs").iterdir():
+            try:
+                read_checkpoint_meta(f.read_bytes(), fmt=BASE_FORMAT, max_version=1)
+                found += 1
+            except CheckpointBlobError:
+                pass
+        return found
+
+    assert bases_fetched("alice") == 1 and bases_fetched("bob") == 0
+    assert "aligned-bases" in clients[0].ctx.base_path and clients[1].ctx.base_path == str(tiny_gpt2_path)
     with StateStore(tmp_path / "agg" / "state.db") as store:
         r1, r2 = (store.load_round(r, with_partial=False) for r in (1, 2))
         assert sorted(r1.accepted) == sorted(r2.accepted) == sorted(SHARDS)
@@ -257,8 +275,11 @@ def _hand_payload(lengths: list[int], ces: list[float], first_id: int, k: int = 
     ).to_arrays()
 
 
-def test_server_dual_min_ce_picks_the_lowest_ce_teacher_below_the_llm(server_ctx, monkeypatch):
-    server = registry.get("fedmkt").server(CONFIG, server_ctx)
+@pytest.mark.parametrize("keep_own", ["task", "self"])
+def test_server_dual_min_ce_picks_the_lowest_ce_teacher_below_the_llm(
+    server_ctx, monkeypatch, keep_own
+):
+    server = registry.get("fedmkt").server({**CONFIG, "keep_own": keep_own}, server_ctx)
     state = server.initial_state()
     lengths = [
         len(t) - 1 for t in server.llm_tokens()
@@ -288,7 +309,14 @@ def test_server_dual_min_ce_picks_the_lowest_ce_teacher_below_the_llm(server_ctx
     monkeypatch.setattr(server, "_train_llm", capture)
     metrics = server.finish_round(1, state, aggregate).metrics
     assert metrics["kept_own"] == 1 and metrics["selected"] == {"a": 2, "b": n - 3}
-    assert set(seen) == set(range(n)) - {2}
+    if keep_own == "task":  # sample 2 trains on the task loss alone
+        assert set(seen) == set(range(n)) - {2}
+    else:  # sample 2 keeps the LLM's own rows from before the step as its target
+        assert set(seen) == set(range(n))
+        own = LogitsPayload.from_arrays(part(state, "llm_topk")).sample(2)
+        np.testing.assert_array_equal(seen[2][0], own[0])
+        np.testing.assert_array_equal(seen[2][1], own[1])
+        assert not (seen[2][1][:, 0] == 300).all() and not (seen[2][1][:, 0] == 350).all()
     # identical tokenizers: every row aligns one-to-one and keeps its teacher's ids
     for s, want in [(0, 300), (3, 300), (1, 350)]:
         values, ids = seen[s]
@@ -345,6 +373,91 @@ def test_mutual_training_is_deterministic_and_moves_the_llm(
         np.testing.assert_array_equal(a.state[k], b.state[k])
     assert a.rounds[0].server["llm_delta_norm"] > 0
     assert set(a.rounds[0].server["selected"]) == {"alice", "bob"}
+
+
+@pytest.mark.parametrize("keep_own", ["task", "self"])
+def test_client_keeps_its_own_rows_where_the_llm_is_no_better(
+    server_ctx, tiny_llama_path, tiny_gpt2_path, keep_own
+):
+    clients = [
+        DeviceContext("alice", tiny_llama_path, SHARDS["alice"], progress=None),
+        DeviceContext("bob", tiny_gpt2_path, SHARDS["bob"], progress=None),
+    ]
+    res = simulate("fedmkt", {**CONFIG, "keep_own": keep_own}, server_ctx, clients, rounds=1,
+                   progress=None, apply_final=False)
+    # both kinds of samples occur on both sides, so the two settings differ
+    assert all(m["kd_samples"] and m["kept_own"] for m in res.rounds[0].clients.values())
+    assert 0 < res.rounds[0].server["kept_own"] < len(PUBLIC)
+    for m in res.rounds[0].clients.values():
+        assert m["kd_samples"] + m["kept_own"] == m["public_samples"] == len(PUBLIC)
+        want = m["public_samples"] if keep_own == "self" else m["kd_samples"]
+        assert m["kd_targets"] == want
+    # the LLM's own rows are KD targets on the server too: every sample carries one
+    server = res.rounds[0].server
+    assert server["llm_kd_samples"] == (
+        server["public_samples"] if keep_own == "self" else server["public_samples"] - server["kept_own"]
+    )
+
+
+
+def _bases_of(blobs: dict) -> dict:
+    return {n: b for n, b in blobs.items() if n.startswith("base-")}
+
+
+def test_align_base_aligns_only_the_family_sharing_the_llm_tokenizer(
+    server_ctx, models, tiny_llama_path, tiny_gpt2_path
+):
+    from algorithms.core.aligned_base import BASE_FORMAT, BASES_DIR
+    from algorithms.core.checkpoint_blob import read_checkpoint_meta
+    from algorithms.core.modeling import load_causal_lm
+    from algorithms.fedmkt.public import family_base_blob
+
+    cfg = {**CONFIG, "align_base": ALIGN}
+    server = registry.get("fedmkt").server(cfg, server_ctx)
+    state = server.initial_state()
+    llama_hash = vocab_hash(Vocabulary.from_tokenizer(load_causal_lm(tiny_llama_path)[1]))
+    name = family_base_blob(llama_hash)
+    assert {k.split("/")[0] for k in state if k.startswith("base-")} == {name}
+    assert server.align_metrics["slm"]["align_steps"] == 3
+    own = load_causal_lm(tiny_llama_path, quant="fp32")[0].state_dict()
+    assert any(not np.allclose(state[f"{name}/{k}"], own[k].numpy()) for k in own if f"{name}/{k}" in state)
+    blobs = server.plan_round(1, state)
+    assert set(_bases_of(blobs.blobs)) == {name}
+    assert read_checkpoint_meta(blobs.blobs[name], fmt=BASE_FORMAT, max_version=1)  # a checked checkpoint
+    # a restarted aggregator sends the identical bytes without aligning again
+    again = registry.get("fedmkt").server(cfg, ServerContext(server_ctx.work_dir, 0, models, PUBLIC))
+    assert again.plan_round(2, state).blobs[name] == blobs.blobs[name] and not again.align_metrics
+    # a state without the base (started with align_base null) is refused, not silently re-aligned
+    bare = {k: v for k, v in state.items() if not k.startswith("base-")}
+    with pytest.raises(ConfigError, match="no aligned base"):
+        registry.get("fedmkt").server(cfg, ServerContext(server_ctx.work_dir, 0, models, PUBLIC)).plan_round(2, bare)
+    # devices: only the Llama family fetches (and trains on) the base; GPT-2 keeps its own
+    clients = [
+        DeviceContext("alice", tiny_llama_path, SHARDS["alice"], TINY_CORPUS[12:], progress=None),
+        DeviceContext("bob", tiny_gpt2_path, SHARDS["bob"], TINY_CORPUS[12:], progress=None),
+    ]
+    half = FedMKTClient()
+    assert half.needs_blob(name, clients[0]) and not half.needs_blob(name, clients[1])
+    assert half.needs_blob("public", clients[1])
+    res = simulate("fedmkt", cfg, ServerContext(server_ctx.work_dir, 0, models, PUBLIC), clients,
+                   rounds=1, progress=None)
+    assert BASES_DIR in clients[0].base_path and clients[1].base_path == str(tiny_gpt2_path)
+    assert set(res.final) == {"alice", "bob"} and all(np.isfinite(m["nll_final"]) for m in res.final.values())
+
+
+def test_align_base_needs_the_family_checkpoint(tmp_path, tiny_llama_path, tiny_gpt2_path, tiny_llm_path):
+    import shutil
+
+    tok_only = tmp_path / "llama-tokenizer"
+    tok_only.mkdir()
+    for f in tiny_llama_path.iterdir():
+        if "token" in f.name:
+            shutil.copy(f, tok_only / f.name)
+    ctx = ServerContext(str(tmp_path / "srv"), 0, {"slm": str(tok_only), "slm:gpt2": str(tiny_gpt2_path),
+                                                   "llm": str(tiny_llm_path)}, PUBLIC)
+    registry.get("fedmkt").server(CONFIG, ctx).initial_state()  # without alignment a tokenizer is enough
+    with pytest.raises(ConfigError, match="full checkpoint"):
+        registry.get("fedmkt").server({**CONFIG, "align_base": ALIGN}, ctx).initial_state()
 
 
 def test_collected_updates_survive_a_restart_and_are_discarded_after(tmp_path):

@@ -80,13 +80,13 @@ def load_base_weights(model: torch.nn.Module, saved: Mapping[str, np.ndarray]) -
 
 def prepare_base(plain: torch.nn.Module, settings: dict | None, state: State | None,
                  teacher: Callable[[], Callable[[Mapping[str, torch.Tensor]], torch.Tensor]], public: Callable[[], list],
-                 tokenizer: Any, log: Callable[[str], Any]) -> dict:
+                 tokenizer: Any, log: Callable[[str], Any], prefix: str = BASE) -> dict:
     """Make ``plain`` (the SLM as loaded) the federation's base, in place: with ``settings``
-    None leave it; with a state, load its ``base/`` part; before round 1 (no state) align it.
+    None leave it; with a state, load its ``prefix/`` part; before round 1 (no state) align it.
     ``teacher()`` and ``public()`` are called only when aligning. Returns alignment metrics."""
     metrics: dict = {}
     if settings is not None:
-        saved = part(state, BASE) if state is not None else {}
+        saved = part(state, prefix) if state is not None else {}
         if saved:
             load_base_weights(plain, saved)
         elif state is not None:
@@ -113,13 +113,14 @@ def pack_base(plain: torch.nn.Module, tokenizer: Any) -> bytes:
     return pack_checkpoint(plain, tokenizer, fmt=BASE_FORMAT, version=BASE_VERSION)
 
 
-def use_sent_base(downloads: Mapping[str, bytes], ctx: Any) -> None:
-    """Device side: train on the aligned SLM base when the aggregator sent one, else on the
-    device's own model. The blob is checked before anything is written and unpacked once (by
-    content hash); it has the architecture of the device's own SLM, so its memory plan holds."""
+def use_sent_base(downloads: Mapping[str, bytes], ctx: Any, name: str = BASE) -> None:
+    """Device side: train on the aligned SLM base when the aggregator sent one (blob ``name``),
+    else on the device's own model. The blob is checked before anything is written and unpacked
+    once (by content hash); it has the architecture of the device's own SLM, so its memory plan
+    holds."""
     from algorithms.core.checkpoint_blob import use_checkpoint_blob
 
-    blob = downloads.get(BASE)
+    blob = downloads.get(name)
     if blob is None:
         ctx.use_base(None)
         return

@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 
 from algorithms.base import ClientAlgorithm, ClientReport, pack_state, unpack_state
+from algorithms.core.aligned_base import use_sent_base
 from algorithms.core.lora_state import from_wire, to_wire
 from algorithms.core.modeling import adapter_state, load_adapter_state
 from algorithms.core.state_parts import to_numpy, to_torch
@@ -26,6 +27,8 @@ from .public import (
     TeacherPayload,
     encode_public,
     family_adapter_blob,
+    family_base_blob,
+    family_of_blob,
     model_payload,
     public_from_arrays,
     public_sha256,
@@ -95,8 +98,9 @@ class FedMKTClient(ClientAlgorithm):
        server step) and vocabulary (``llm_vocab``): DualMinCE with one teacher keeps the public
        samples where the LLM's CE is below this model's own, whose LLM rows are aligned into
        this tokenizer (DTW + MinED map, cached in the workspace); the LoRA trains on D_p with
-       ``lambda * CE + (1 - lambda) * KD`` (``kd_train``; KD only on the kept samples, the
-       others keep the task loss alone);
+       ``lambda * CE + (1 - lambda) * KD`` (``kd_train``); on the other samples the KD target
+       is this model's own rows from before the step (``keep_own="self"``) or there is none
+       (``"task"``: the task loss alone);
     3. task training on D_k (``train``), as without FedMKT;
     4. run the SLM over D_p and upload its top-k payload + per-sample CE and the vocabulary
        hash (+ the adapter, with ``fedavg_homogeneous``).
@@ -107,12 +111,21 @@ class FedMKTClient(ClientAlgorithm):
 
     name = "fedmkt"
 
+    def needs_blob(self, name: str, ctx) -> bool:
+        """Shared blobs, and of the per-family ones (aligned base, averaged adapter) only this
+        device's family's: another family's base is a whole model it has no use for."""
+        family = family_of_blob(name)
+        return family is None or family == _own_hash(ctx)[:16]
+
     def run(self, task, downloads: Mapping[str, bytes], ctx) -> ClientReport:
         cfg = FedMKTConfig.from_dict(task.config)
+        own_hash = _own_hash(ctx)
+        use_sent_base(downloads, ctx, family_base_blob(own_hash))  # its family's aligned base, if sent
         model = ctx.model(cfg.lora_spec())
         tok = ctx.tokenizer()
         own_vocab = Vocabulary.from_tokenizer(tok)
-        own_hash = vocab_hash(own_vocab)
+        if vocab_hash(own_vocab) != own_hash:
+            raise PayloadError("the aligned base the aggregator sent has another tokenizer than this device")
         store = _AdapterStore(Path(ctx.workspace()) / "fedmkt")
         family = downloads.get(family_adapter_blob(own_hash)) if cfg.fedavg_homogeneous else None
         if family is not None:
@@ -145,7 +158,8 @@ class FedMKTClient(ClientAlgorithm):
                     "the LLM payload was computed on another public set than the Task's"
                 )
             llm_vocab = vocab_from_arrays(unpack_state(downloads["llm_vocab"]))
-            own_ce = payload().sample_ce
+            own = payload()
+            own_ce = own.sample_ce
             chosen = dual_min_ce_batch(teacher.payload.sample_ce[None, :], own_ce)
             vmap = cached_vocab_map(
                 llm_vocab, own_vocab, cache_dir=Path(ctx.workspace()) / "vocab_maps"
@@ -160,11 +174,16 @@ class FedMKTClient(ClientAlgorithm):
                 matched, rows = matched + int(m.sum()), rows + len(m)
             kd = {
                 "kd_samples": len(targets),
+                "kept_own": int((chosen != 0).sum()),
                 "public_samples": len(public),
                 "kd_aligned_fraction": round(matched / rows, 4) if rows else 0.0,
                 "own_ce_mean": float(np.mean(own_ce)),
                 "llm_ce_mean": float(np.mean(teacher.payload.sample_ce)),
             }
+            if cfg.keep_own == "self":  # this model's own rows from before the step
+                for s in np.nonzero(chosen != 0)[0].tolist():
+                    targets[s] = own.sample(s)
+            kd["kd_targets"] = len(targets)
             kd_cfg = cfg.kd_train_config(task.round)
             data = TargetDataset(tok, own_ids, targets, cfg.public_block_size, seed=kd_cfg.seed)
             distilled = ctx.train(
@@ -201,12 +220,17 @@ class FedMKTClient(ClientAlgorithm):
         """FedMKT has no global client model: each client keeps its own adapter (its family's
         average with ``fedavg_homogeneous``, when the final blobs carry it) and evaluates it."""
         cfg = FedMKTConfig.from_dict(dict(config or {}))
+        own_hash = _own_hash(ctx)
+        use_sent_base(downloads, ctx, family_base_blob(own_hash))
         model = ctx.model(cfg.lora_spec())
-        family = downloads.get(
-            family_adapter_blob(vocab_hash(Vocabulary.from_tokenizer(ctx.tokenizer())))
-        )
+        family = downloads.get(family_adapter_blob(own_hash))
         if family is not None:
             load_adapter_state(model, from_wire(unpack_state(family)))
         else:
             _AdapterStore(Path(ctx.workspace()) / "fedmkt").load_latest(model)
         return {f"{k}_final": v for k, v in held_out_metrics(ctx, cfg.eval_block_size).items()}
+
+
+def _own_hash(ctx) -> str:
+    """The vocabulary hash of the device's tokenizer (its family)."""
+    return vocab_hash(Vocabulary.from_tokenizer(ctx.tokenizer()))

@@ -12,6 +12,7 @@ from algorithms.fedavg.config import FedAvgConfig
 
 MODES = ("mutual", "llm2slm")
 KD_KINDS = ("ce", "kl")
+KEEP_OWN = ("self", "task")
 
 
 def _default_llm_train() -> dict:
@@ -23,7 +24,7 @@ def _default_kd_train() -> dict:
 
 
 #: fields only the server needs; everything else travels to the clients in ``Task.config``
-SERVER_FIELDS = ("llm_lora", "llm_train", "mode", "public_max_samples", "public_max_chars")
+SERVER_FIELDS = ("llm_lora", "llm_train", "mode", "public_max_samples", "public_max_chars", "align_base")
 
 
 @dataclass
@@ -44,6 +45,11 @@ class FedMKTConfig(FedAvgConfig):
       not send as one bucket; false renormalises the top-k (the paper's), which teaches that
       every other token has probability 0: on the quick benchmark that made the LLM worse than
       with no KD at all at lambda 0.5, the tail bucket made it better (temperature 1 only).
+    - ``keep_own``: the samples where DualMinCE finds no teacher below the receiver's own CE:
+      "self" keeps the receiver's own distribution as the KD target there (its top-k rows
+      from before the step, with the same weight; the spec's first reading: it anchors the
+      model where no one knows better, so the task term cannot drag it away from what it
+      already predicts well), "task" skips KD on them (task loss alone).
     - ``mode``: "mutual" (the LLM learns from the clients and teaches them) or "llm2slm" (the
       LLM only teaches; its adapter never changes; works with a black-box LLM too).
     - ``fedavg_homogeneous``: also FedAvg the adapters of clients of one family (same
@@ -51,6 +57,14 @@ class FedMKTConfig(FedAvgConfig):
     - public set D_p: the aggregator's public texts with at least two words, each cut to
       ``public_max_chars`` (at a word boundary), the first ``public_max_samples`` of them;
       every model reads at most ``public_block_size`` tokens of a sample.
+    - ``align_base`` (default null, the paper's setting): DistillConfig fields over
+      :data:`algorithms.core.aligned_base.ALIGN_DEFAULTS` (``{}``: the defaults). Before round
+      1 the aggregator distils the base LLM into a full copy of every client family that shares
+      the LLM's tokenizer (its models role must name a full checkpoint), on D_p with full
+      logits; that copy becomes the family's base, sent once as the blob ``base-<vocab
+      hash[:16]>`` that only devices of that family fetch. Families with another tokenizer keep
+      their own base: distilling across tokenizers through the top-k alignment made the zoo's
+      GPT-2 SLM worse on every domain (0.2 nats). Why: see :mod:`algorithms.core.aligned_base`.
     - ``kd_train``: a client's distillation step on D_p (TrainConfig fields), before its
       task training on D_k with ``train`` (the paper's order: step 5 of one round, step 1 of
       the next), so the private-data budget is the same as without FedMKT.
@@ -64,6 +78,7 @@ class FedMKTConfig(FedAvgConfig):
     kd_kind: str = "ce"
     kd_tail: bool = True
     mode: str = "mutual"
+    keep_own: str = "task"
     fedavg_homogeneous: bool = False
     public_max_samples: int | None = 64
     public_max_chars: int = 256
@@ -72,10 +87,17 @@ class FedMKTConfig(FedAvgConfig):
     llm_lora: dict = field(default_factory=lambda: {"r": 8, "alpha": 16, "dropout": 0.0})
     llm_train: dict = field(default_factory=_default_llm_train)
     kd_train: dict = field(default_factory=_default_kd_train)
+    align_base: dict | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
         errs = []
+        from algorithms.core.aligned_base import align_settings
+
+        try:
+            self.align_base = align_settings(self.align_base)
+        except ConfigError as exc:
+            errs.append(str(exc))
         if isinstance(self.k, bool) or not isinstance(self.k, int) or not 1 <= self.k <= 1024:
             errs.append(
                 f"k must be an integer in [1, 1024] (the paper uses 16..128), got {self.k!r}"
@@ -91,6 +113,8 @@ class FedMKTConfig(FedAvgConfig):
             errs.append("kd_tail needs temperature 1 (the payload holds log-probabilities at temperature 1)")
         if self.kd_kind not in KD_KINDS:
             errs.append(f"kd_kind must be one of {KD_KINDS}, got {self.kd_kind!r}")
+        if self.keep_own not in KEEP_OWN:
+            errs.append(f"keep_own must be one of {KEEP_OWN}, got {self.keep_own!r}")
         if self.mode not in MODES:
             errs.append(f"mode must be one of {MODES}, got {self.mode!r}")
         if not isinstance(self.fedavg_homogeneous, bool):

@@ -35,6 +35,8 @@ __all__ = [
     "concat_payloads",
     "encode_public",
     "family_adapter_blob",
+    "family_base_blob",
+    "family_of_blob",
     "model_payload",
     "public_from_arrays",
     "public_sha256",
@@ -157,6 +159,19 @@ def vocab_hash_of(arrays: Mapping[str, np.ndarray]) -> str:
 def family_adapter_blob(hex_digest: str) -> str:
     """Blob (and state prefix) name of the shared adapter of one client family."""
     return f"adapter-{hex_digest[:16]}"
+
+
+def family_base_blob(hex_digest: str) -> str:
+    """Blob (and state prefix) name of the aligned base of one client family."""
+    return f"base-{hex_digest[:16]}"
+
+
+def family_of_blob(name: str) -> str | None:
+    """The family digest prefix a per-family blob name carries, or None for a shared blob."""
+    for prefix in ("adapter-", "base-"):
+        if name.startswith(prefix):
+            return name[len(prefix) :]
+    return None
 
 
 def vocab_to_arrays(vocab: Vocabulary) -> dict[str, np.ndarray]:

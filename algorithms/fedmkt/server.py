@@ -34,6 +34,7 @@ from .public import (
     TeacherPayload,
     encode_public,
     family_adapter_blob,
+    family_base_blob,
     model_payload,
     public_sha256,
     public_to_arrays,
@@ -70,7 +71,8 @@ class FedMKTServer(ServerAlgorithm):
 
     Round (mode "mutual"): every client's payload is collected as it came (the updates differ
     in shape and must not be averaged); per public sample, DualMinCE picks the client of lowest
-    CE if it beats the LLM's own CE; the chosen rows are aligned into the LLM's tokenisation
+    CE if it beats the LLM's own CE (else, with ``keep_own="self"``, the LLM's own rows from
+    before the step are the target; with "task" the sample has none); the chosen rows are aligned into the LLM's tokenisation
     (DTW) and vocabulary (MinED map per family, cached under ``work_dir/vocab_maps``); the LLM's
     LoRA trains on D_p with ``lambda * CE + (1 - lambda) * KD``; its new payload over D_p is the
     next round's teacher. "llm2slm": the LLM only teaches; adapter and payload stay as they are.
@@ -89,6 +91,9 @@ class FedMKTServer(ServerAlgorithm):
         self._llm_tokens: list[list[int]] | None = None
         self._families: dict[str, Family] | None = None
         self._adapter_refs: dict[str, State] | None = None
+        self._bases: dict[str, tuple[Any, Any]] = {}  # family hash -> (plain SLM, tokenizer)
+        self._base_blobs: dict[str, bytes] = {}
+        self.align_metrics: dict[str, dict] = {}
 
     # -- the LLM, D_p and the client families, built once ---------------------------------------
     def backend(self):
@@ -193,10 +198,67 @@ class FedMKTServer(ServerAlgorithm):
             )
         return out
 
+    # -- aligned family bases (align_base) ------------------------------------------------------
+    def aligned_families(self) -> list[Family]:
+        """The client families that get an aligned base: those that share the LLM's tokenizer
+        (none with ``align_base`` null)."""
+        if self.config.align_base is None:
+            return []
+        llm_hash = vocab_hash(self.llm_vocab())
+        return [f for f in self.families().values() if f.hash == llm_hash]
+
+    def family_base(self, fam: Family, state: State | None = None) -> tuple[Any, Any]:
+        """(plain SLM, tokenizer) of an aligned family: aligned to the LLM on D_p before round 1
+        (no state), restored from the state's ``base-<hash>/`` part after."""
+        if fam.hash not in self._bases:
+            from algorithms.core.aligned_base import prepare_base
+
+            try:
+                plain, tok, _ = load_causal_lm(fam.path, quant="fp32")
+            except Exception as exc:  # a tokenizer-only directory, a broken checkpoint, ...
+                raise ConfigError(
+                    f"align_base distils the LLM into family {fam.role!r} and needs its full "
+                    f"checkpoint at {fam.path} ({type(exc).__name__}: {exc}); set align_base to "
+                    "null or point the models role at the checkpoint"
+                ) from exc
+            backend = self.backend()
+
+            def teacher():
+                return lambda batch: backend.logprobs(batch["input_ids"], batch["attention_mask"])
+
+            metrics = prepare_base(plain, self.config.align_base, state, teacher, self.public, tok,
+                                   self.ctx.log, prefix=family_base_blob(fam.hash))
+            self._bases[fam.hash] = (plain, tok)
+            if metrics:
+                self.align_metrics[fam.role] = metrics
+        return self._bases[fam.hash]
+
+    def _base_blobs_of(self, state: State) -> dict[str, bytes]:
+        from algorithms.core.aligned_base import pack_base
+
+        out = {}
+        for fam in self.aligned_families():
+            name = family_base_blob(fam.hash)
+            if name not in self._base_blobs:  # the same bytes every round: pushed once
+                self._base_blobs[name] = pack_base(*self.family_base(fam, state))
+            out[name] = self._base_blobs[name]
+        return out
+
     # -- the contract -------------------------------------------------------------------------
     def initial_state(self) -> State:
         self.families()  # fail early on missing tokenizers
         state: State = {}
+        if self.config.align_base is not None:
+            from algorithms.core.aligned_base import base_weights
+
+            aligned = self.aligned_families()
+            for fam in aligned:
+                plain, _ = self.family_base(fam)
+                state.update(_prefixed(family_base_blob(fam.hash), to_numpy(base_weights(plain))))
+            for fam in self.families().values():
+                if fam.hash not in {f.hash for f in aligned}:
+                    self.ctx.log(f"family {fam.role!r} keeps its own base: align_base needs the "
+                                 "LLM's tokenizer (its top-k alignment is too lossy to distil a base)")
         model = self.llm_model()
         if model is not None:  # a fresh LoRA, whatever a shared backend's adapter went through
             omega = _fresh_lora(adapter_state(model), self.config.lora_seed)
@@ -221,6 +283,7 @@ class FedMKTServer(ServerAlgorithm):
             for fam in self.families().values():
                 name = family_adapter_blob(fam.hash)
                 blobs[name] = pack_state(wire_cast(part(state, name), self.config.wire_dtype))
+        blobs.update(self._base_blobs_of(state))
         return RoundPlan(config=self.client_config(), blobs=blobs)
 
     def update_spec_state(self, state: State) -> State:
@@ -347,6 +410,9 @@ class FedMKTServer(ServerAlgorithm):
                     )
                     targets[s] = (v, k)
                     matched, rows = matched + int(m.sum()), rows + len(m)
+            if self.config.keep_own == "self":  # the LLM's own rows from before this step
+                for s in np.nonzero(chosen < 0)[0].tolist():
+                    targets[s] = teacher_now.payload.sample(s)
             metrics.update(self._train_llm(round, state, targets))
             metrics["kd_aligned_fraction"] = _round4(matched / rows) if rows else 0.0
             omega = to_numpy(adapter_state(self.llm_model()))
@@ -413,12 +479,15 @@ class FedMKTServer(ServerAlgorithm):
         return out
 
     def final_blobs(self, state: State) -> dict[str, bytes]:
-        if not self.config.fedavg_homogeneous:
-            return {}  # every client keeps its own adapter
-        return {
-            name: pack_state(wire_cast(part(state, name), self.config.wire_dtype))
-            for name in (family_adapter_blob(f.hash) for f in self.families().values())
-        }
+        """The aligned family bases, and with ``fedavg_homogeneous`` each family's averaged
+        adapter (otherwise every client keeps its own)."""
+        blobs = self._base_blobs_of(state)
+        if self.config.fedavg_homogeneous:
+            blobs.update({
+                name: pack_state(wire_cast(part(state, name), self.config.wire_dtype))
+                for name in (family_adapter_blob(f.hash) for f in self.families().values())
+            })
+        return blobs
 
     # -- for evaluation -------------------------------------------------------------------------
     def llm_with(self, state: State):
