@@ -336,6 +336,8 @@ class Bench:
             rows.append(("LLM FedCoLLM", "llm_fedcollm"))
         if "fedpt" in algos:
             rows.append((f"LLM proxy (a={r['proxy_alpha']})", "llm_proxy"))
+        if "fedmkt" in algos:
+            rows.append(("LLM FedMKT", "llm_fedmkt"))
         rows += [("SLM zero-shot", "slm_zero_shot"), ("SLM standalone", "slm_standalone"), ("SLM FedAvg", "slm_fedavg")]
         if "fedcollm" in algos:
             rows.append(("SLM FedCoLLM", "slm_fedcollm"))
