@@ -72,7 +72,8 @@ class FedMKTServer(ServerAlgorithm):
     Round (mode "mutual"): every client's payload is collected as it came (the updates differ
     in shape and must not be averaged); per public sample, DualMinCE picks the client of lowest
     CE if it beats the LLM's own CE (else, with ``keep_own="self"``, the LLM's own rows from
-    before the step are the target; with "task" the sample has none); the chosen rows are aligned into the LLM's tokenisation
+    before the step are the target; with "task" the sample has none); the chosen rows are
+    aligned into the LLM's tokenisation
     (DTW) and vocabulary (MinED map per family, cached under ``work_dir/vocab_maps``); the LLM's
     LoRA trains on D_p with ``lambda * CE + (1 - lambda) * KD``; its new payload over D_p is the
     next round's teacher. "llm2slm": the LLM only teaches; adapter and payload stay as they are.
@@ -251,12 +252,12 @@ class FedMKTServer(ServerAlgorithm):
         if self.config.align_base is not None:
             from algorithms.core.aligned_base import base_weights
 
-            aligned = self.aligned_families()
-            for fam in aligned:
-                plain, _ = self.family_base(fam)
-                state.update(_prefixed(family_base_blob(fam.hash), to_numpy(base_weights(plain))))
+            aligned = {f.hash for f in self.aligned_families()}
             for fam in self.families().values():
-                if fam.hash not in {f.hash for f in aligned}:
+                if fam.hash in aligned:
+                    plain, _ = self.family_base(fam)
+                    state.update(_prefixed(family_base_blob(fam.hash), to_numpy(base_weights(plain))))
+                else:
                     self.ctx.log(f"family {fam.role!r} keeps its own base: align_base needs the "
                                  "LLM's tokenizer (its top-k alignment is too lossy to distil a base)")
         model = self.llm_model()
