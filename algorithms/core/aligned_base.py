@@ -60,6 +60,12 @@ def align_settings(value: Any) -> dict | None:
     return merged
 
 
+def batch_teacher(logprobs: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+                  ) -> Callable[[Mapping[str, torch.Tensor]], torch.Tensor]:
+    """A distillation teacher (``batch -> [B, T, V]``) from ``logprobs(input_ids, mask)``."""
+    return lambda batch: logprobs(batch["input_ids"], batch["attention_mask"])
+
+
 def base_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """Every parameter of a plain model once (tied weights under their first name)."""
     return {k: p.detach() for k, p in model.named_parameters()}
@@ -150,8 +156,7 @@ class AlignedBaseServer:
 
     def align_teacher(self) -> Callable[[Mapping[str, torch.Tensor]], torch.Tensor]:
         """The base LLM's log-probabilities of a batch (subclasses may memoise)."""
-        backend = self.ctx.llm()
-        return lambda batch: backend.logprobs(batch["input_ids"], batch["attention_mask"])
+        return batch_teacher(self.ctx.llm().logprobs)
 
     def slm_base(self, state: State | None = None) -> tuple[torch.nn.Module, Any]:
         if self._plain is None:

@@ -110,21 +110,31 @@ class FedMKTClient(ClientAlgorithm):
     """
 
     name = "fedmkt"
+    _vocab_of: tuple | None = None  # (tokenizer, its Vocabulary, its hash)
 
     def needs_blob(self, name: str, ctx) -> bool:
         """Shared blobs, and of the per-family ones (aligned base, averaged adapter) only this
         device's family's: another family's base is a whole model it has no use for."""
         family = family_of_blob(name)
-        return family is None or family == _own_hash(ctx)[:16]
+        return family is None or family == self._own_vocab(ctx)[1][:16]
+
+    def _own_vocab(self, ctx) -> tuple[Vocabulary, str]:
+        """The device tokenizer's vocabulary and its hash (its family), built once per tokenizer:
+        ``needs_blob`` asks for every blob of a Task, then ``run`` again."""
+        tok = ctx.tokenizer()
+        if self._vocab_of is None or self._vocab_of[0] is not tok:
+            vocab = Vocabulary.from_tokenizer(tok)
+            self._vocab_of = (tok, vocab, vocab_hash(vocab))
+        return self._vocab_of[1], self._vocab_of[2]
 
     def run(self, task, downloads: Mapping[str, bytes], ctx) -> ClientReport:
         cfg = FedMKTConfig.from_dict(task.config)
-        own_hash = _own_hash(ctx)
+        own_hash = self._own_vocab(ctx)[1]
         use_sent_base(downloads, ctx, family_base_blob(own_hash))  # its family's aligned base, if sent
         model = ctx.model(cfg.lora_spec())
         tok = ctx.tokenizer()
-        own_vocab = Vocabulary.from_tokenizer(tok)
-        if vocab_hash(own_vocab) != own_hash:
+        own_vocab, sent_hash = self._own_vocab(ctx)
+        if sent_hash != own_hash:
             raise PayloadError("the aligned base the aggregator sent has another tokenizer than this device")
         store = _AdapterStore(Path(ctx.workspace()) / "fedmkt")
         family = downloads.get(family_adapter_blob(own_hash)) if cfg.fedavg_homogeneous else None
@@ -220,7 +230,7 @@ class FedMKTClient(ClientAlgorithm):
         """FedMKT has no global client model: each client keeps its own adapter (its family's
         average with ``fedavg_homogeneous``, when the final blobs carry it) and evaluates it."""
         cfg = FedMKTConfig.from_dict(dict(config or {}))
-        own_hash = _own_hash(ctx)
+        own_hash = self._own_vocab(ctx)[1]
         use_sent_base(downloads, ctx, family_base_blob(own_hash))
         model = ctx.model(cfg.lora_spec())
         family = downloads.get(family_adapter_blob(own_hash))
@@ -230,7 +240,3 @@ class FedMKTClient(ClientAlgorithm):
             _AdapterStore(Path(ctx.workspace()) / "fedmkt").load_latest(model)
         return {f"{k}_final": v for k, v in held_out_metrics(ctx, cfg.eval_block_size).items()}
 
-
-def _own_hash(ctx) -> str:
-    """The vocabulary hash of the device's tokenizer (its family)."""
-    return vocab_hash(Vocabulary.from_tokenizer(ctx.tokenizer()))

@@ -212,7 +212,7 @@ class FedMKTServer(ServerAlgorithm):
         """(plain SLM, tokenizer) of an aligned family: aligned to the LLM on D_p before round 1
         (no state), restored from the state's ``base-<hash>/`` part after."""
         if fam.hash not in self._bases:
-            from algorithms.core.aligned_base import prepare_base
+            from algorithms.core.aligned_base import batch_teacher, prepare_base
 
             try:
                 plain, tok, _ = load_causal_lm(fam.path, quant="fp32")
@@ -222,10 +222,8 @@ class FedMKTServer(ServerAlgorithm):
                     f"checkpoint at {fam.path} ({type(exc).__name__}: {exc}); set align_base to "
                     "null or point the models role at the checkpoint"
                 ) from exc
-            backend = self.backend()
-
             def teacher():
-                return lambda batch: backend.logprobs(batch["input_ids"], batch["attention_mask"])
+                return batch_teacher(self.backend().logprobs)
 
             metrics = prepare_base(plain, self.config.align_base, state, teacher, self.public, tok,
                                    self.ctx.log, prefix=family_base_blob(fam.hash))

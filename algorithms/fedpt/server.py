@@ -5,7 +5,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from algorithms.base import RoundOutcome, ServerAlgorithm, State, pack_state
-from algorithms.core.aligned_base import AlignedBaseServer
+from algorithms.core.aligned_base import AlignedBaseServer, batch_teacher
 from algorithms.core.distill import distill
 from algorithms.core.kd import check_shared_vocabulary
 from algorithms.core.modeling import adapter_state, attach_lora, load_adapter_state
@@ -46,8 +46,7 @@ class FedPTServer(AlignedBaseServer, SlmAdapterRounds, ServerAlgorithm):
         return self._rows
 
     def align_teacher(self):
-        rows = self.llm_rows()
-        return lambda batch: rows(batch["input_ids"], batch["attention_mask"])
+        return batch_teacher(self.llm_rows())
 
     def _models(self, state: State | None = None):
         if self._student is None:
