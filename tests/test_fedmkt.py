@@ -25,7 +25,7 @@ from algorithms.core.state_parts import part
 from algorithms.core.token_alignment import Vocabulary, vocab_hash
 from algorithms.fedmkt import FedMKTClient, FedMKTConfig
 from algorithms.fedmkt.payload import LogitsPayload
-from algorithms.fedmkt.public import family_adapter_blob, vocab_hash_array
+from algorithms.fedmkt.public import family_adapter_blob, select_public, vocab_hash_array
 from bridge.broker import MosquittoBroker, find_mosquitto
 from bridge.codec import decode
 from bridge.messages import Task
@@ -499,12 +499,29 @@ def test_rules_and_config_are_checked(server_ctx):
         {"k": 0},
         {"kd_kind": "mse"},
         {"llm_train": {"lr": -1}},
+        {"public_split": "yes"},
     ):
         with pytest.raises(ConfigError):
             FedMKTConfig.from_dict(bad)
     client_keys = set(server.client_config())
     assert "llm_train" not in client_keys and "mode" not in client_keys and "k" in client_keys
+    assert "public_split" not in client_keys  # the clients get D_p as texts
     assert part(server.initial_state(), "llm_topk")["k"].tolist() == [8]
+
+
+def test_public_set_keeps_every_piece_of_a_long_text():
+    long = " ".join(f"w{i}" for i in range(40))  # 40 words, 159 characters
+    texts = [long, {"text": "  two words  "}, "one", {"text": 7}, "x" * 30 + " y"]
+    pieces = select_public(texts, None, 24)
+    assert all(len(p) <= 24 for p in pieces)
+    # every word of the long text is in exactly one piece, in order, and nothing else is lost
+    assert " ".join(pieces[: -2]).split() == long.split()
+    assert pieces[-2:] == ["two words", "xxxxxx y"]  # mid-word cuts where a piece has no space
+    # the reference implementation's truncation: the first piece of each text only
+    assert select_public(texts, None, 24, split=False) == [pieces[0], "two words"]
+    assert select_public(texts, 3, 24) == pieces[:3]
+    with_split = FedMKTConfig.from_dict({"public_max_chars": 24, "public_max_samples": None})
+    assert with_split.public_split is True
 
 
 def test_fedavg_homogeneous_averages_adapters_within_a_family(

@@ -24,7 +24,15 @@ def _default_kd_train() -> dict:
 
 
 #: fields only the server needs; everything else travels to the clients in ``Task.config``
-SERVER_FIELDS = ("llm_lora", "llm_train", "mode", "public_max_samples", "public_max_chars", "align_base")
+SERVER_FIELDS = (
+    "llm_lora",
+    "llm_train",
+    "mode",
+    "public_max_samples",
+    "public_max_chars",
+    "public_split",
+    "align_base",
+)
 
 
 @dataclass
@@ -54,9 +62,13 @@ class FedMKTConfig(FedAvgConfig):
       LLM only teaches; its adapter never changes; works with a black-box LLM too).
     - ``fedavg_homogeneous``: also FedAvg the adapters of clients of one family (same
       tokenizer, and therefore assumed the same base model) after their local step.
-    - public set D_p: the aggregator's public texts with at least two words, each cut to
-      ``public_max_chars`` (at a word boundary), the first ``public_max_samples`` of them;
-      every model reads at most ``public_block_size`` tokens of a sample.
+    - public set D_p: the aggregator's public texts as pieces of at most ``public_max_chars``
+      (cut at word boundaries; ``public_split`` true, the default: a long text gives several
+      consecutive pieces, false: its first piece only, the reference implementation's
+      truncation), the first ``public_max_samples`` pieces with two words or more; every model
+      reads at most ``public_block_size`` tokens of a piece, so ``public_max_chars`` should be
+      about ``public_block_size`` tokens of text (about 3 characters per token on the zoo's
+      tokenizers).
     - ``align_base`` (default null, the paper's setting): DistillConfig fields over
       :data:`algorithms.core.aligned_base.ALIGN_DEFAULTS` (``{}``: the defaults). Before round
       1 the aggregator distils the base LLM into a full copy of every client family that shares
@@ -82,6 +94,7 @@ class FedMKTConfig(FedAvgConfig):
     fedavg_homogeneous: bool = False
     public_max_samples: int | None = 64
     public_max_chars: int = 256
+    public_split: bool = True
     public_block_size: int = 64
     payload_batch_size: int = 16
     llm_lora: dict = field(default_factory=lambda: {"r": 8, "alpha": 16, "dropout": 0.0})
@@ -127,6 +140,8 @@ class FedMKTConfig(FedAvgConfig):
             errs.append("public_max_samples must be None or an integer >= 1")
         if not (_int(self.public_max_chars) and self.public_max_chars >= 8):
             errs.append(f"public_max_chars must be an integer >= 8, got {self.public_max_chars!r}")
+        if not isinstance(self.public_split, bool):
+            errs.append(f"public_split must be true or false, got {self.public_split!r}")
         if not (_int(self.public_block_size) and self.public_block_size >= 2):
             errs.append(
                 f"public_block_size must be an integer >= 2, got {self.public_block_size!r}"

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable, Mapping, Sequence
+from itertools import islice
 from typing import Any
 
 import numpy as np
@@ -52,27 +53,46 @@ __all__ = [
 # -- the public set -------------------------------------------------------------------------
 
 
-def select_public(texts: Sequence[Any], max_samples: int | None, max_chars: int) -> list[str]:
-    """D_p as every side sees it: plain texts (``str`` or ``{"text": ...}``) with at least two
-    words (so any tokenizer gives at least two tokens, i.e. one prediction), each cut to
-    ``max_chars`` at the last whitespace, the first ``max_samples`` of them. Whitespace inside
-    a text is kept as it is: the models learn from these texts, and line breaks are text."""
+def select_public(
+    texts: Sequence[Any], max_samples: int | None, max_chars: int, split: bool = True
+) -> list[str]:
+    """D_p as every side sees it: plain texts (``str`` or ``{"text": ...}``) as pieces of at
+    most ``max_chars``, each ending at a word boundary, the first ``max_samples`` pieces with
+    at least two words (so any tokenizer gives at least two tokens, i.e. one prediction).
+
+    ``split`` (default): a longer text becomes consecutive pieces, so D_p holds all of the
+    public text; false keeps its first piece only (the reference implementation's truncation,
+    which on the bundled domains threw away about 45 % of the public tokens). Pieces are cut in
+    characters, not tokens, so every tokenizer reads the same strings (the token alignment
+    compares text with text). Whitespace inside a piece is kept as it is: the models learn
+    from these texts, and line breaks are text."""
     out: list[str] = []
     for item in texts:
         text = item.get("text") if isinstance(item, Mapping) else item
         if not isinstance(text, str):
             continue
-        text = text.strip()
-        if len(text) > max_chars:
-            cut = text[: max_chars + 1]
-            space = max(cut.rfind(c) for c in " \n\t")
-            text = (cut[:space] if space > 0 else cut[:max_chars]).rstrip()
-        if len(text.split()) < 2:
-            continue
-        out.append(text)
-        if max_samples is not None and len(out) >= max_samples:
-            break
+        pieces = _pieces(text.strip(), max_chars)
+        for piece in pieces if split else islice(pieces, 1):
+            if len(piece.split()) < 2:
+                continue
+            out.append(piece)
+            if max_samples is not None and len(out) >= max_samples:
+                return out
     return out
+
+
+def _pieces(text: str, max_chars: int):
+    """``text`` as consecutive pieces of at most ``max_chars``, each cut at its last
+    whitespace (mid-word only where a piece holds none); the whitespace at a cut is dropped."""
+    while text:
+        if len(text) <= max_chars:
+            yield text
+            return
+        cut = text[: max_chars + 1]
+        space = max(cut.rfind(c) for c in " \n\t")
+        end = space if space > 0 else max_chars
+        yield text[:end].rstrip()
+        text = text[end:].lstrip()
 
 
 def _strings_to_arrays(strings: Sequence[str | None]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -124,7 +124,10 @@ class FedMKTServer(ServerAlgorithm):
         if self._public is None:
             cfg = self.config
             self._public = select_public(
-                self.ctx.public_data(), cfg.public_max_samples, cfg.public_max_chars
+                self.ctx.public_data(),
+                cfg.public_max_samples,
+                cfg.public_max_chars,
+                split=cfg.public_split,
             )
             if not self._public:
                 raise ConfigError(
