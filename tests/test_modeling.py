@@ -447,9 +447,15 @@ def test_lora_spec_validation_and_defaults(tiny_llama_path, tiny_gpt2_path):
         {"target_modules": "q_proj"},
         {"target_modules": ()},
         {"target_modules": ("q_proj", "q_proj")},
+        {"target_modules": {}},
+        {"target_modules": {"llama": "q_proj"}},
+        {"target_modules": {"": ["q_proj"]}},
+        {"target_modules": {"llama": []}},
     ):
         with pytest.raises(LoraSpecError):
             LoraSpec(**bad)
+    with pytest.raises(LoraSpecError):
+        LoraSpec.from_dict({"target_modules": "q_proj"})  # not split into letters
     assert LoraSpec(r=4, alpha=8).scaling == 2.0
     assert LoraSpec().resolved_targets("llama") == (
         "q_proj",
@@ -476,6 +482,23 @@ def test_lora_spec_validation_and_defaults(tiny_llama_path, tiny_gpt2_path):
     assert trainable and all(".lora_" in n for n in trainable)
     with pytest.raises(LoraSpecError, match="already"):
         attach_lora(pm, SPEC)
+
+
+def test_lora_spec_per_architecture_targets(tiny_llama_path, tiny_gpt2_path):
+    """One spec reaches a mixed fleet: the Llama model gets its defaults plus its LM head, the
+    GPT-2 model its own defaults; an architecture the mapping does not name is refused."""
+    llama_targets = ["q_proj", "v_proj", "lm_head"]
+    spec = LoraSpec.from_dict({"r": 2, "target_modules": {"llama": llama_targets, "gpt2": None}})
+    assert spec.resolved_targets("llama") == tuple(llama_targets)
+    assert spec.resolved_targets("gpt2") == ("c_attn", "c_proj", "c_fc")
+    with pytest.raises(LoraSpecError, match="not 'opt'"):
+        spec.resolved_targets("opt")
+    assert LoraSpec.from_dict(json.loads(json.dumps(spec.to_dict()))) == spec
+    for path, want in ((tiny_llama_path, {"q_proj", "v_proj", "lm_head"}), (tiny_gpt2_path, {"c_attn", "c_proj", "c_fc"})):
+        model, _, _ = load_causal_lm(path)
+        pm = attach_lora(model, spec)
+        adapted = {n.split(".lora_A")[0].rsplit(".", 1)[-1] for n, _ in pm.named_parameters() if ".lora_A" in n}
+        assert adapted == want
 
 
 # ---------------------------------------------------------------------------------------------

@@ -542,12 +542,18 @@ def is_checkpointing(model: torch.nn.Module) -> bool:
 
 @dataclass
 class LoraSpec:
-    """LoRA hyper-parameters. ``target_modules=None`` picks defaults by architecture."""
+    """LoRA hyper-parameters.
+
+    ``target_modules``: ``None`` picks the architecture's defaults
+    (:data:`DEFAULT_LORA_TARGETS`); a list of module names applies to every model; a mapping
+    from ``model_type`` to a list (or ``None``: that architecture's defaults) lets one spec
+    reach a fleet of several architectures, e.g. ``{"llama": [..., "lm_head"], "gpt2": None}``;
+    a model whose type it does not name is refused (never a silent default)."""
 
     r: int = 8
     alpha: float = 16.0
     dropout: float = 0.0
-    target_modules: tuple[str, ...] | None = None
+    target_modules: tuple[str, ...] | dict[str, tuple[str, ...] | None] | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < 1:
@@ -562,21 +568,18 @@ class LoraSpec:
             raise LoraSpecError(f"LoRA dropout must be in [0, 1), got {self.dropout!r}")
         self.alpha = float(self.alpha)
         self.dropout = float(self.dropout)
-        if self.target_modules is not None:
-            if isinstance(self.target_modules, str):
-                raise LoraSpecError(
-                    "target_modules must be a list of module names such as ['q_proj', 'v_proj'], "
-                    f"not the string {self.target_modules!r}"
-                )
-            mods = tuple(self.target_modules)
-            if not mods:
-                raise LoraSpecError("target_modules is empty; pass None for architecture defaults")
-            for m in mods:
-                if not isinstance(m, str) or not m or m != m.strip():
-                    raise LoraSpecError(f"invalid target module name {m!r}")
-            if len(set(mods)) != len(mods):
-                raise LoraSpecError(f"target_modules has duplicates: {list(mods)}")
-            self.target_modules = mods
+        tm = self.target_modules
+        if isinstance(tm, Mapping):
+            if not tm:
+                raise LoraSpecError("target_modules is an empty mapping; pass None for defaults")
+            by_type: dict[str, tuple[str, ...] | None] = {}
+            for model_type, mods in tm.items():
+                if not isinstance(model_type, str) or not model_type:
+                    raise LoraSpecError(f"target_modules keys are model types, got {model_type!r}")
+                by_type[model_type] = None if mods is None else _target_names(mods)
+            self.target_modules = by_type
+        elif tm is not None:
+            self.target_modules = _target_names(tm)
 
     @property
     def scaling(self) -> float:
@@ -584,8 +587,16 @@ class LoraSpec:
         return self.alpha / self.r
 
     def resolved_targets(self, model_type: str) -> tuple[str, ...]:
-        if self.target_modules is not None:
-            return self.target_modules
+        tm = self.target_modules
+        if isinstance(tm, dict):
+            if model_type not in tm:
+                raise LoraSpecError(
+                    f"target_modules names the model types {sorted(tm)}, not {model_type!r}: add "
+                    f"an entry for it (null: its defaults)"
+                )
+            tm = tm[model_type]
+        if tm is not None:
+            return tm
         if model_type not in DEFAULT_LORA_TARGETS:
             raise LoraSpecError(
                 f"no default LoRA target modules for model_type {model_type!r}; pass "
@@ -612,7 +623,7 @@ class LoraSpec:
             "r": self.r,
             "alpha": self.alpha,
             "dropout": self.dropout,
-            "target_modules": list(self.target_modules) if self.target_modules else None,
+            "target_modules": _targets_to_json(self.target_modules),
         }
 
     @classmethod
@@ -625,8 +636,34 @@ class LoraSpec:
             r=d.get("r", 8),
             alpha=d.get("alpha", 16.0),
             dropout=d.get("dropout", 0.0),
-            target_modules=tuple(tm) if tm is not None else None,
+            target_modules=tm if tm is None or isinstance(tm, (str, Mapping)) else tuple(tm),
         )
+
+
+def _target_names(mods: Any) -> tuple[str, ...]:
+    if isinstance(mods, str):
+        raise LoraSpecError(
+            "target_modules must be a list of module names such as ['q_proj', 'v_proj'], "
+            f"not the string {mods!r}"
+        )
+    try:
+        mods = tuple(mods)
+    except TypeError:
+        raise LoraSpecError(f"target_modules must be a list of module names, got {mods!r}") from None
+    if not mods:
+        raise LoraSpecError("target_modules is empty; pass None for architecture defaults")
+    for m in mods:
+        if not isinstance(m, str) or not m or m != m.strip():
+            raise LoraSpecError(f"invalid target module name {m!r}")
+    if len(set(mods)) != len(mods):
+        raise LoraSpecError(f"target_modules has duplicates: {list(mods)}")
+    return mods
+
+
+def _targets_to_json(tm: Any) -> Any:
+    if isinstance(tm, dict):
+        return {k: None if v is None else list(v) for k, v in tm.items()}
+    return list(tm) if tm else None
 
 
 def _linear_leaf_names(model: torch.nn.Module) -> list[str]:
