@@ -34,6 +34,7 @@ class SimResult:
     rounds: list[SimRound]
     final: dict  # party -> metrics of apply_final
     server: Any  # the server half (holds its models, for evaluation)
+    initial: State | None = None  # the server's state before round 1
 
 
 def simulate(algorithm: str, config: Mapping[str, Any], server_ctx: ServerContext,
@@ -46,7 +47,7 @@ def simulate(algorithm: str, config: Mapping[str, Any], server_ctx: ServerContex
     halves = {c.party_id: spec.client() for c in clients}
     say = progress or (lambda *_: None)
     rule = aggregation_rule(server, aggregation)
-    state = server.initial_state()
+    state = initial = server.initial_state()
     history: list[SimRound] = []
     for r in range(1, rounds + 1):
         t0 = time.perf_counter()
@@ -81,7 +82,7 @@ def simulate(algorithm: str, config: Mapping[str, Any], server_ctx: ServerContex
         for ctx in clients:
             half = halves[ctx.party_id]
             final[ctx.party_id] = half.apply_final(_needed(half, blobs, ctx), ctx, server.client_config())
-    return SimResult(state, history, final, server)
+    return SimResult(state, history, final, server, initial=initial)
 
 
 def _needed(half, blobs: dict, ctx) -> dict:

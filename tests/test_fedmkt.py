@@ -112,7 +112,7 @@ def test_heterogeneous_federation_over_mosquitto(
 ):
     status, clients, work = _run_federation(
         fed, tmp_path, models, {"alice": tiny_llama_path, "bob": tiny_gpt2_path}, rounds=2,
-        config={**CONFIG, "align_base": ALIGN},
+        config={**CONFIG, "align_base": ALIGN, "llm_holdout": 0.25},
     )
     assert status["last_committed"]["round"] == 2
     # the aligned base of alice's family (the LLM's tokenizer) reached alice and only alice
@@ -134,9 +134,12 @@ def test_heterogeneous_federation_over_mosquitto(
     with StateStore(tmp_path / "agg" / "state.db") as store:
         r1, r2 = (store.load_round(r, with_partial=False) for r in (1, 2))
         assert sorted(r1.accepted) == sorted(r2.accepted) == sorted(SHARDS)
-        assert r1.info.metrics["steps"] == 2 and r1.info.metrics["public_samples"] == len(PUBLIC)
+        # every 4th public text is held out of D_p to judge the LLM's steps
+        assert r1.info.metrics["steps"] == 2 and r1.info.metrics["public_samples"] == len(PUBLIC) - 2
+        assert r1.info.metrics["llm_step"] == "applied"
         g0 = store.load_global(r1.info.base_digest).tensors
         g2 = store.load_global().tensors
+    assert g2["llm_holdout/nll"][0] < g0["llm_holdout/nll"][0]  # persisted with the state
     # the LLM learned (its LoRA and its teacher payload changed) and nothing was averaged
     assert any(not np.array_equal(g0[k], g2[k]) for k in g0 if k.startswith("llm/"))
     assert not np.array_equal(g0["llm_topk/topk_values"], g2["llm_topk/topk_values"])
@@ -375,6 +378,42 @@ def test_mutual_training_is_deterministic_and_moves_the_llm(
     assert set(a.rounds[0].server["selected"]) == {"alice", "bob"}
 
 
+def test_llm_holdout_applies_only_steps_that_lower_the_held_out_nll(
+    server_ctx, tiny_llama_path, tiny_gpt2_path
+):
+    """Every 4th public piece is held out of D_p; a sane LLM step that lowers its NLL is
+    applied, a wild one (lr 1.0) is rejected and leaves the LLM and its teacher as they were."""
+    from algorithms.fedmkt.server import HOLDOUT_NLL, LLM, TEACHER
+
+    def run(lr, rounds):
+        cfg = {**CONFIG, "llm_holdout": 0.25, "lambda_task": 0.5,
+               "llm_train": {"max_steps": 4, "batch_size": 4, "lr": lr, "warmup": 0}}
+        clients = [
+            DeviceContext("alice", tiny_llama_path, SHARDS["alice"], progress=None),
+            DeviceContext("bob", tiny_gpt2_path, SHARDS["bob"], progress=None),
+        ]
+        return simulate("fedmkt", cfg, ServerContext(server_ctx.work_dir, 0, server_ctx.models, PUBLIC),
+                        clients, rounds=rounds, progress=None, apply_final=False)
+
+    wild = run(1.0, 1)
+    server = wild.server
+    pieces = select_public(PUBLIC, CONFIG.get("public_max_samples", 64), 256)
+    assert server.public() == [p for i, p in enumerate(pieces) if i % 4 != 3]
+    assert server._holdout == pieces[3::4] and server._holdout
+    m = wild.rounds[0].server
+    assert m["llm_step"] == "rejected" and m["llm_holdout_nll"] > wild.initial[HOLDOUT_NLL][0]
+    for k, v in wild.initial.items():  # nothing of the LLM moved
+        if k.startswith((LLM + "/", TEACHER + "/")) or k == HOLDOUT_NLL:
+            np.testing.assert_array_equal(wild.state[k], v)
+    sane = run(3e-3, 1)
+    m = sane.rounds[0].server
+    assert m["llm_step"] == "applied" and m["llm_delta_norm"] > 0
+    assert sane.state[HOLDOUT_NLL][0] == pytest.approx(m["llm_holdout_nll"], abs=1e-4)
+    assert sane.state[HOLDOUT_NLL][0] < sane.initial[HOLDOUT_NLL][0]
+    # the clients got D_p without the held-out pieces
+    assert wild.rounds[0].server["public_samples"] == len(server.public())
+
+
 @pytest.mark.parametrize("keep_own", ["task", "self"])
 def test_client_keeps_its_own_rows_where_the_llm_is_no_better(
     server_ctx, tiny_llama_path, tiny_gpt2_path, keep_own
@@ -500,6 +539,8 @@ def test_rules_and_config_are_checked(server_ctx):
         {"kd_kind": "mse"},
         {"llm_train": {"lr": -1}},
         {"public_split": "yes"},
+        {"llm_holdout": 0.6},
+        {"llm_holdout": "10%"},
     ):
         with pytest.raises(ConfigError):
             FedMKTConfig.from_dict(bad)

@@ -31,6 +31,7 @@ SERVER_FIELDS = (
     "public_max_samples",
     "public_max_chars",
     "public_split",
+    "llm_holdout",
     "align_base",
 )
 
@@ -82,6 +83,13 @@ class FedMKTConfig(FedAvgConfig):
       the next), so the private-data budget is the same as without FedMKT.
     - ``llm_lora`` / ``llm_train``: the LLM's LoRA and its training on D_p (TrainConfig
       fields; ``seed`` is offset by the round).
+    - ``llm_holdout`` (default 0: off): the fraction of the public pieces the aggregator keeps
+      out of D_p (every ``round(1 / fraction)``-th piece; neither the LLM nor the clients
+      train on them) to judge each of the LLM's steps: a round's LLM update is applied only
+      where it lowers the LLM's NLL on those pieces, otherwise the LLM and its teacher payload
+      stay as they were (metric ``llm_step``). The LLM learns from D_p's task loss too and
+      over-fits it within a few rounds (quick benchmark: dev gap closed 0.56 at round 3,
+      0.51 at round 5); the held-out pieces see that without any private data.
     """
 
     k: int = 16
@@ -95,6 +103,7 @@ class FedMKTConfig(FedAvgConfig):
     public_max_samples: int | None = 64
     public_max_chars: int = 256
     public_split: bool = True
+    llm_holdout: float = 0.0
     public_block_size: int = 64
     payload_batch_size: int = 16
     llm_lora: dict = field(default_factory=lambda: {"r": 8, "alpha": 16, "dropout": 0.0})
@@ -142,6 +151,8 @@ class FedMKTConfig(FedAvgConfig):
             errs.append(f"public_max_chars must be an integer >= 8, got {self.public_max_chars!r}")
         if not isinstance(self.public_split, bool):
             errs.append(f"public_split must be true or false, got {self.public_split!r}")
+        if not (_num(self.llm_holdout) and 0 <= self.llm_holdout <= 0.5):
+            errs.append(f"llm_holdout must be a fraction in [0, 0.5] (0: off), got {self.llm_holdout!r}")
         if not (_int(self.public_block_size) and self.public_block_size >= 2):
             errs.append(
                 f"public_block_size must be an integer >= 2, got {self.public_block_size!r}"

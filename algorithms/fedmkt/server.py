@@ -19,6 +19,7 @@ from algorithms.base import (
 )
 from algorithms.core.modeling import adapter_state, attach_lora, load_adapter_state, load_causal_lm
 from algorithms.core.state_parts import delta_norm, part, to_numpy, to_torch
+from algorithms.core.textdata import evaluate_nll
 from algorithms.core.token_alignment import (
     Vocabulary,
     cached_vocab_map,
@@ -48,6 +49,7 @@ log = logging.getLogger(__name__)
 
 LLM = "llm"  # state prefix of the LLM's LoRA
 TEACHER = "llm_topk"  # state prefix of the LLM's payload over D_p (next round's teacher blob)
+HOLDOUT_NLL = "llm_holdout/nll"  # the LLM's NLL on the held-out public pieces (llm_holdout)
 ADAPTER_PREFIX = "adapter/"  # update prefix of a client's adapter (fedavg_homogeneous)
 
 
@@ -89,6 +91,7 @@ class FedMKTServer(ServerAlgorithm):
         self._model = None
         self._vocab: Vocabulary | None = None
         self._public: list[str] | None = None
+        self._holdout: list[str] = []
         self._llm_tokens: list[list[int]] | None = None
         self._families: dict[str, Family] | None = None
         self._adapter_refs: dict[str, State] | None = None
@@ -121,20 +124,45 @@ class FedMKTServer(ServerAlgorithm):
         return self._vocab
 
     def public(self) -> list[str]:
+        """D_p: the public pieces every side trains on (without the held-out ones)."""
         if self._public is None:
             cfg = self.config
-            self._public = select_public(
+            pieces = select_public(
                 self.ctx.public_data(),
                 cfg.public_max_samples,
                 cfg.public_max_chars,
                 split=cfg.public_split,
             )
-            if not self._public:
+            if not pieces:
                 raise ConfigError(
                     "FedMKT transfers knowledge through logits on the public set D_p, and the "
                     "aggregator has none with two words or more (set public_data)"
                 )
+            if self.holds_out():
+                every = max(2, round(1 / cfg.llm_holdout))
+                self._holdout = pieces[every - 1 :: every]
+                pieces = [p for i, p in enumerate(pieces) if i % every != every - 1]
+                if not self._holdout:
+                    raise ConfigError(
+                        f"llm_holdout {cfg.llm_holdout} holds out every {every}th public piece, "
+                        f"and there are only {len(pieces)}: lower it or add public data"
+                    )
+            self._public = pieces
         return self._public
+
+    def holds_out(self) -> bool:
+        return self.config.llm_holdout > 0 and self.config.mode == "mutual"
+
+    def holdout_nll(self, model) -> float:
+        """The LLM's mean token NLL on the held-out public pieces."""
+        self.public()
+        return evaluate_nll(
+            model,
+            self.backend().tokenizer(),
+            self._holdout,
+            block_size=self.config.public_block_size,
+            batch_size=self.config.payload_batch_size,
+        ).nll
 
     def llm_tokens(self) -> list[list[int]]:
         if self._llm_tokens is None:
@@ -266,6 +294,8 @@ class FedMKTServer(ServerAlgorithm):
             omega = _fresh_lora(adapter_state(model), self.config.lora_seed)
             load_adapter_state(model, omega)
             state.update(_prefixed(LLM, to_numpy(omega)))
+            if self.holds_out():
+                state[HOLDOUT_NLL] = np.array([self.holdout_nll(model)], dtype=np.float64)
         state.update(_prefixed(TEACHER, self._llm_payload().to_arrays()))
         if self.config.fedavg_homogeneous:
             for name, adapter in self._family_adapters().items():
@@ -417,16 +447,38 @@ class FedMKTServer(ServerAlgorithm):
                     targets[s] = teacher_now.payload.sample(s)
             metrics.update(self._train_llm(round, state, targets))
             metrics["kd_aligned_fraction"] = _round4(matched / rows) if rows else 0.0
-            omega = to_numpy(adapter_state(self.llm_model()))
-            metrics["llm_delta_norm"] = delta_norm(omega, part(state, LLM))
-            teacher = self._llm_payload()
-            metrics["llm_ce_after"] = float(teacher.payload.sample_ce.mean())
-            out.update(_prefixed(LLM, omega))
-            out = {k: v for k, v in out.items() if not k.startswith(TEACHER + "/")}
-            out.update(_prefixed(TEACHER, teacher.to_arrays()))
+            if self._judge_llm_step(state, out, metrics):
+                omega = to_numpy(adapter_state(self.llm_model()))
+                metrics["llm_delta_norm"] = delta_norm(omega, part(state, LLM))
+                teacher = self._llm_payload()
+                metrics["llm_ce_after"] = float(teacher.payload.sample_ce.mean())
+                out.update(_prefixed(LLM, omega))
+                out = {k: v for k, v in out.items() if not k.startswith(TEACHER + "/")}
+                out.update(_prefixed(TEACHER, teacher.to_arrays()))
         if self.config.fedavg_homogeneous:
             out.update(self._average_families(clients, aggregate, family_of, metrics))
         return RoundOutcome(out, metrics)
+
+    def _judge_llm_step(self, state: State, out: State, metrics: dict) -> bool:
+        """With ``llm_holdout``: keep the step only where it lowers the held-out public NLL
+        (otherwise the LLM goes back to the state's adapter); True when the step stands."""
+        if not self.holds_out():
+            return True
+        model = self.llm_model()
+        nll = self.holdout_nll(model)
+        best = float(state[HOLDOUT_NLL][0]) if HOLDOUT_NLL in state else float("inf")
+        metrics["llm_holdout_nll"] = _round4(nll)
+        if nll < best:
+            metrics["llm_step"] = "applied"
+            out[HOLDOUT_NLL] = np.array([nll], dtype=np.float64)
+            return True
+        metrics["llm_step"] = "rejected"
+        load_adapter_state(model, to_torch(part(state, LLM)))
+        self.ctx.log(
+            f"LLM step rejected: held-out public NLL {nll:.4f} is not below {best:.4f}; "
+            "the LLM and its teacher payload stay as they were"
+        )
+        return False
 
     def _train_llm(self, round: int, state: State, targets: dict) -> dict:
         model = self.llm_model()
