@@ -101,11 +101,13 @@ def workload_for_task(
     train: Mapping[str, Any] | None,
     quant: str,
     gradient_checkpointing: bool = False,
+    model_type: str | None = None,
 ) -> Workload:
     """A planner :class:`Workload` from a task's ``lora`` (LoraSpec dict: r, dropout,
     target_modules; None = full fine-tuning) and ``train`` (TrainConfig dict: batch_size,
     block_size, gradient_checkpointing) dicts. The training loop uses AdamW; the planned step
-    is one micro-batch (gradient accumulation does not add memory)."""
+    is one micro-batch (gradient accumulation does not add memory). ``model_type`` picks the
+    entry of a per-architecture ``target_modules`` mapping (as LoraSpec does)."""
     train = dict(train or {})
     ckpt = bool(gradient_checkpointing or train.get("gradient_checkpointing", False))
     seq = train.get("block_size") or DEFAULT_SEQ_LEN
@@ -114,6 +116,13 @@ def workload_for_task(
     else:
         rank = lora.get("r", 8)
         tm = lora.get("target_modules")
+        if isinstance(tm, Mapping):
+            if model_type not in tm:
+                raise WorkloadError(
+                    f"the task's LoRA target_modules name the model types {sorted(tm)}, not "
+                    f"this model's {model_type!r}"
+                )
+            tm = tm[model_type]
         targets = tuple(tm) if tm else None
         dropout = float(lora.get("dropout", 0.0) or 0.0)
     return Workload(
@@ -167,7 +176,7 @@ def check_task_fits(
     prof = _profile(profile_id)
     shape = ModelShape.from_config(model_path)
     q, note = effective_quant(prof, quant)
-    w = workload_for_task(lora, train, q, gradient_checkpointing)
+    w = workload_for_task(lora, train, q, gradient_checkpointing, model_type=shape.model_type)
     p = plan(shape, prof, w, app_reserve_bytes=app_reserve_bytes)
     fits = p.total_bytes * (1 + safety_margin) <= p.available_bytes
     model = shape.name or shape.model_type

@@ -145,6 +145,8 @@ DEFAULT_LORA_TARGETS: dict[str, tuple[str, ...]] = {
     "gemma2": _LLAMA_TARGETS,
     "gpt2": ("c_attn", "c_proj", "c_fc"),
 }
+#: the output layer's name as a LoRA target (every architecture here: transformers' lm_head)
+LM_HEAD = "lm_head"
 # precision ranking used by recommend(): higher is better
 _PRECISION = {"fp32": 4, "bf16": 3, "fp16": 3, "int8": 2, "nf4": 1}
 _NF4_BLOCK = 64
@@ -820,7 +822,7 @@ def plan(
 
     # -- LoRA, gradients, optimizer -----------------------------------------------------------
     full_ft = w.lora_rank is None and w.mode == "train"
-    valid = shape.target_names()
+    valid = shape.target_names() + (LM_HEAD,)
     if w.lora_targets is not None:
         bad = [t for t in w.lora_targets if t not in valid]
         if bad:
@@ -838,6 +840,8 @@ def plan(
         for x in lin:
             if x.name in targets:
                 trainable += [(r * x.in_features, lora_b), (x.out_features * r, lora_b)] * L
+        if LM_HEAD in targets:  # once, hidden -> vocab (tied or not: the adapter is its own)
+            trainable += [(r * shape.hidden_size, lora_b), (shape.vocab_size * r, lora_b)]
     elif full_ft:
         trainable = [(x.numel, weight_dtype_b) for x in lin] * L
         trainable += [(shape.vocab_size * shape.hidden_size, weight_dtype_b)]

@@ -18,6 +18,7 @@ from firmware_profiles import (
     DoesNotFit,
     UnknownProfileError,
     Workload,
+    WorkloadError,
     fmt_bytes,
     get_profile,
     plan,
@@ -169,3 +170,20 @@ def test_edge_client_turns_on_checkpointing_when_that_is_what_makes_the_task_fit
     assert client.ctx.gradient_checkpointing is False
     assert client._does_not_fit(Task(round=1, algorithm="fedavg", config={"lora": lora, "train": found})) is None
     assert client.ctx.gradient_checkpointing is True
+
+
+def test_per_architecture_targets_and_the_lm_head(tiny_llama_path, tiny_gpt2_path):
+    """A mixed fleet's task: each model plans with its own entry of the target mapping; LoRA
+    on the LM head adds one r x (hidden + vocab) adapter (not one per layer)."""
+    cfg = json.loads((tiny_llama_path / "config.json").read_text())
+    base = ["q_proj", "v_proj"]
+    mixed = {"r": 4, "target_modules": {"llama": base + ["lm_head"], "gpt2": None}}
+    with_head = check_task_fits("agx-orin-32gb", tiny_llama_path, mixed, TRAIN, "fp32")
+    without = check_task_fits("agx-orin-32gb", tiny_llama_path, {"r": 4, "target_modules": base}, TRAIN, "fp32")
+    assert with_head.workload["lora_targets"] == base + ["lm_head"]
+    head = 4 * (cfg["hidden_size"] + cfg["vocab_size"]) * 4  # fp32 A and B
+    assert with_head.breakdown["lora"] - without.breakdown["lora"] == head
+    gpt2 = check_task_fits("agx-orin-32gb", tiny_gpt2_path, mixed, TRAIN, "fp32")
+    assert gpt2.workload["lora_targets"] is None  # null: the architecture's defaults
+    with pytest.raises(WorkloadError, match="'gpt2'"):
+        check_task_fits("agx-orin-32gb", tiny_gpt2_path, {"target_modules": {"llama": base}}, TRAIN, "fp32")
