@@ -41,7 +41,8 @@ class FedMKTConfig(FedAvgConfig):
     """FedMKT: the client fields of FedAvg (``lora``, ``train``: the client SLM's own adapter
     and local training) plus the knowledge-transfer settings. One ``lora`` reaches every
     client: with families of different architectures leave its ``target_modules`` unset (each
-    model then takes its architecture's defaults).
+    model then takes its architecture's defaults) or map each ``model_type`` to its own list
+    (:class:`~algorithms.core.modeling.LoraSpec`).
 
     - ``k``: top-k entries per position in every logits payload (both directions).
     - ``lambda_task``: the paper's lambda: ``lambda * CE + (1 - lambda) * KD`` (default 0.9);
