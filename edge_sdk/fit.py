@@ -32,6 +32,7 @@ from firmware_profiles import (
     plan,
     recommend,
 )
+from firmware_profiles.planner import targets_for_model_type
 
 __all__ = [
     "DEFAULT_SEQ_LEN",
@@ -115,14 +116,7 @@ def workload_for_task(
         rank, targets, dropout = None, None, 0.0
     else:
         rank = lora.get("r", 8)
-        tm = lora.get("target_modules")
-        if isinstance(tm, Mapping):
-            if model_type not in tm:
-                raise WorkloadError(
-                    f"the task's LoRA target_modules name the model types {sorted(tm)}, not "
-                    f"this model's {model_type!r}"
-                )
-            tm = tm[model_type]
+        tm = targets_for_model_type(lora.get("target_modules"), model_type)
         targets = tuple(tm) if tm else None
         dropout = float(lora.get("dropout", 0.0) or 0.0)
     return Workload(

@@ -86,6 +86,7 @@ __all__ = [
     "CUDA_FRAGMENTATION",
     "DEFAULT_APP_RESERVE_BYTES",
     "DEFAULT_LORA_TARGETS",
+    "LM_HEAD",
     "OPTIMIZERS",
     "Linear",
     "ModelShape",
@@ -95,6 +96,7 @@ __all__ = [
     "load_model_config",
     "plan",
     "recommend",
+    "targets_for_model_type",
     "require_fit",
 ]
 
@@ -147,6 +149,22 @@ DEFAULT_LORA_TARGETS: dict[str, tuple[str, ...]] = {
 }
 #: the output layer's name as a LoRA target (every architecture here: transformers' lm_head)
 LM_HEAD = "lm_head"
+
+
+def targets_for_model_type(target_modules: Any, model_type: str | None) -> Any:
+    """A LoRA ``target_modules`` setting as it applies to one architecture: a mapping (a mixed
+    fleet's one config: ``model_type`` -> names, or None for that architecture's defaults)
+    gives this type's entry, and a type it does not name is refused (never a silent default);
+    anything else is returned as it is."""
+    if not isinstance(target_modules, Mapping):
+        return target_modules
+    if model_type not in target_modules:
+        raise WorkloadError(
+            f"target_modules names the model types {sorted(target_modules)}, not "
+            f"{model_type!r}: add an entry for it (null: its defaults)"
+        )
+    return target_modules[model_type]
+
 # precision ranking used by recommend(): higher is better
 _PRECISION = {"fp32": 4, "bf16": 3, "fp16": 3, "int8": 2, "nf4": 1}
 _NF4_BLOCK = 64

@@ -50,7 +50,9 @@ from algorithms.core.errors import (
     QuantizationUnavailableError,
 )
 from algorithms.core.lora_state import signature_diff, state_signature
+from firmware_profiles import WorkloadError
 from firmware_profiles.planner import DEFAULT_LORA_TARGETS as _PLANNER_TARGETS
+from firmware_profiles.planner import targets_for_model_type
 
 __all__ = [
     "ADAPTER_CONFIG_NAME",
@@ -587,14 +589,10 @@ class LoraSpec:
         return self.alpha / self.r
 
     def resolved_targets(self, model_type: str) -> tuple[str, ...]:
-        tm = self.target_modules
-        if isinstance(tm, dict):
-            if model_type not in tm:
-                raise LoraSpecError(
-                    f"target_modules names the model types {sorted(tm)}, not {model_type!r}: add "
-                    f"an entry for it (null: its defaults)"
-                )
-            tm = tm[model_type]
+        try:
+            tm = targets_for_model_type(self.target_modules, model_type)
+        except WorkloadError as exc:
+            raise LoraSpecError(str(exc)) from None
         if tm is not None:
             return tm
         if model_type not in DEFAULT_LORA_TARGETS:
