@@ -59,7 +59,7 @@ ALGORITHM_DEFAULTS["fedbiot"] = {
 ALGORITHM_DEFAULTS["fedmkt"] = {
     **ALGORITHM_DEFAULTS["fedavg"],
     "k": 16, "lambda_task": 0.2, "keep_own": "self", "align_base": {}, "public_max_samples": 64,
-    "public_max_chars": 180, "public_block_size": 64, "llm_holdout": 0.1,
+    "llm_holdout": 0.1,
     "llm_lora": {"r": 8, "alpha": 16, "dropout": 0.0},
     "llm_train": {"lr": 2e-3, "epochs": 1, "batch_size": 8, "max_steps": 20},
     "kd_train": {"lr": 1e-3, "epochs": 1, "batch_size": 8, "max_steps": 20},
