@@ -102,7 +102,7 @@ class FedMKTConfig(FedAvgConfig):
     keep_own: str = "task"
     fedavg_homogeneous: bool = False
     public_max_samples: int | None = 64
-    public_max_chars: int = 180  # about 64 tokens (public_block_size) of English text
+    public_max_chars: int = 180  # fits one 64-token block (public_block_size) at >= 2.8 chars/token
     public_split: bool = True
     llm_holdout: float = 0.0
     public_block_size: int = 64
