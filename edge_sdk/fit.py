@@ -31,8 +31,8 @@ from firmware_profiles import (
     get_profile,
     plan,
     recommend,
+    targets_for_model_type,
 )
-from firmware_profiles.planner import targets_for_model_type
 
 __all__ = [
     "DEFAULT_SEQ_LEN",

@@ -23,6 +23,7 @@ from .planner import (
     plan,
     recommend,
     require_fit,
+    targets_for_model_type,
 )
 from .profiles import DeviceProfile, get_profile, host_memory, list_profiles, load_profiles
 
@@ -46,4 +47,5 @@ __all__ = [
     "plan",
     "recommend",
     "require_fit",
+    "targets_for_model_type",
 ]

@@ -50,9 +50,8 @@ from algorithms.core.errors import (
     QuantizationUnavailableError,
 )
 from algorithms.core.lora_state import signature_diff, state_signature
-from firmware_profiles import WorkloadError
+from firmware_profiles import WorkloadError, targets_for_model_type
 from firmware_profiles.planner import DEFAULT_LORA_TARGETS as _PLANNER_TARGETS
-from firmware_profiles.planner import targets_for_model_type
 
 __all__ = [
     "ADAPTER_CONFIG_NAME",
