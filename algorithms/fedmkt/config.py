@@ -66,8 +66,8 @@ class FedMKTConfig(FedAvgConfig):
       tokenizer, and therefore assumed the same base model) after their local step.
     - public set D_p: the aggregator's public texts as pieces of at most ``public_max_chars``
       (cut at word boundaries; ``public_split`` true, the default: a long text gives several
-      consecutive pieces, false: its first piece only, the reference implementation's
-      truncation), the first ``public_max_samples`` pieces with two words or more; every model
+      consecutive pieces, false: its first piece only, a truncation as a
+      max-length tokenizer call does), the first ``public_max_samples`` pieces with two words or more; every model
       reads at most ``public_block_size`` tokens of a piece, so ``public_max_chars`` should be
       about ``public_block_size`` tokens of text (about 3 characters per token on the zoo's
       tokenizers).

@@ -61,8 +61,8 @@ def select_public(
     at least two words (so any tokenizer gives at least two tokens, i.e. one prediction).
 
     ``split`` (default): a longer text becomes consecutive pieces, so D_p holds all of the
-    public text; false keeps its first piece only (the reference implementation's truncation,
-    which on the bundled domains threw away about 45 % of the public tokens). Pieces are cut in
+    public text; false keeps its first piece only (a truncation, as a max-length tokenizer call
+    does; on the bundled domains it threw away about 45 % of the public tokens). Pieces are cut in
     characters, not tokens, so every tokenizer reads the same strings (the token alignment
     compares text with text). Whitespace inside a piece is kept as it is: the models learn
     from these texts, and line breaks are text."""
