@@ -239,4 +239,3 @@ class FedMKTClient(ClientAlgorithm):
         else:
             _AdapterStore(Path(ctx.workspace()) / "fedmkt").load_latest(model)
         return {f"{k}_final": v for k, v in held_out_metrics(ctx, cfg.eval_block_size).items()}
-

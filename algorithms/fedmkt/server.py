@@ -311,12 +311,16 @@ class FedMKTServer(ServerAlgorithm):
             "llm_vocab": pack_state(vocab_to_arrays(self.llm_vocab())),
             "llm_topk": pack_state(part(state, TEACHER)),
         }
-        if self.config.fedavg_homogeneous:
-            for fam in self.families().values():
-                name = family_adapter_blob(fam.hash)
-                blobs[name] = pack_state(wire_cast(part(state, name), self.config.wire_dtype))
+        blobs.update(self._family_adapter_blobs(state))
         blobs.update(self._base_blobs_of(state))
         return RoundPlan(config=self.client_config(), blobs=blobs)
+
+    def _family_adapter_blobs(self, state: State) -> dict[str, bytes]:
+        """With ``fedavg_homogeneous``, each family's averaged adapter (else none)."""
+        if not self.config.fedavg_homogeneous:
+            return {}
+        names = (family_adapter_blob(f.hash) for f in self.families().values())
+        return {n: pack_state(wire_cast(part(state, n), self.config.wire_dtype)) for n in names}
 
     def update_spec_state(self, state: State) -> State:
         return {}  # collected updates are checked by validate_client_update
@@ -535,13 +539,7 @@ class FedMKTServer(ServerAlgorithm):
     def final_blobs(self, state: State) -> dict[str, bytes]:
         """The aligned family bases, and with ``fedavg_homogeneous`` each family's averaged
         adapter (otherwise every client keeps its own)."""
-        blobs = self._base_blobs_of(state)
-        if self.config.fedavg_homogeneous:
-            blobs.update({
-                name: pack_state(wire_cast(part(state, name), self.config.wire_dtype))
-                for name in (family_adapter_blob(f.hash) for f in self.families().values())
-            })
-        return blobs
+        return {**self._base_blobs_of(state), **self._family_adapter_blobs(state)}
 
     # -- for evaluation -------------------------------------------------------------------------
     def llm_with(self, state: State):
