@@ -142,6 +142,28 @@ class Aggregator(ABC):
         self._clients, self._weights = clients, weights
         self._load(state)
 
+    def merge(self, other: Checkpoint) -> None:
+        """Fold in another partial aggregate of the same round (an ingest worker's
+        ``state_dict()``): the result is the aggregate of both sets of updates. Disjoint
+        clients, the same rule, parameters and spec; checked before anything changes."""
+        meta = other.meta
+        spec = self._require_spec()
+        if meta.get("aggregate") != self.name or meta.get("params") != self.params():
+            raise StateError(f"cannot merge a {meta.get('aggregate')!r} partial {meta.get('params')} into "
+                             f"{self.name!r} {self.params()}")
+        if UpdateSpec.from_json(meta["spec"]).to_json() != spec.to_json():
+            raise StateError("cannot merge partial aggregates of different update specs")
+        clients, weights = list(meta["clients"]), [float(w) for w in meta["weights"]]
+        both = set(clients) & set(self._clients)
+        if both or len(set(clients)) != len(clients) or len(clients) != len(weights):
+            raise StateError(f"partial aggregates overlap or are inconsistent (clients in both: {sorted(both)[:5]})")
+        self._merge(other)
+        self._clients += clients
+        self._weights += weights
+
+    def _merge(self, other: Checkpoint) -> None:
+        raise StateError(f"aggregate {self.name!r} cannot merge partials")
+
     # -- per-rule hooks --------------------------------------------------------------------
 
     def _structure(
@@ -217,6 +239,15 @@ class WeightedMean(Aggregator):
     def _state_meta(self) -> dict[str, Any]:
         return {"total_weight": self._total}  # JSON keeps a float's shortest exact repr
 
+    def _merge(self, other: Checkpoint) -> None:
+        spec = self._require_spec()
+        if set(other.tensors) != set(spec.tensors) or any(
+                other.tensors[n].shape != t.shape for n, t in spec.tensors.items()):
+            raise StateError("fedavg partial tensors do not match its spec")
+        for name in self._sums:
+            self._sums[name] += np.asarray(other.tensors[name], dtype=np.float64)
+        self._total += float(other.meta["total_weight"])
+
     def _load(self, state: Checkpoint) -> None:
         spec = self._require_spec()
         if set(state.tensors) != set(spec.tensors):
@@ -274,6 +305,14 @@ class _Spilled(Aggregator):
         for digest in set(digests):
             self._spill.verify(digest)
         self._digests = digests
+
+    def _merge(self, other: Checkpoint) -> None:
+        digests = list(other.meta.get("spill", []))
+        if len(digests) != len(other.meta["clients"]):
+            raise StateError("spill list and client list differ in length")
+        for digest in set(digests):
+            self._spill.verify(digest)  # the workers spill into the shared spill directory
+        self._digests += digests
 
     def discard(self) -> None:
         """Delete this aggregate's spill files (and the directory if it was temporary); call

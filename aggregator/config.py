@@ -45,6 +45,27 @@ class AggregatorConfig:
     stop_clients_when_done: bool = True
     final_wait_s: float = 30.0  # how long to collect clients' evaluations of the final model
     serve_logits: bool = False  # answer devices' LogitsRequests with the LLM (proxy-tuned generation)
+    #: the ledger: None = SQLite in state_dir; or a PostgreSQL DSN ("postgresql://...") for
+    #: deployments whose workers or standby run on other hosts (checkpoint files stay in state_dir)
+    state_db: str | None = None
+    #: retention: global states of the last N committed rounds are kept (0 = keep all)
+    keep_globals: int = 5
+    #: ingest durability: the log is fsynced per batch (when the inbox runs dry, after
+    #: sync_batch updates or sync_wait_s), the partial aggregate checkpointed every
+    #: checkpoint_every updates or checkpoint_interval_s seconds
+    sync_batch: int = 256
+    sync_wait_s: float = 0.05
+    checkpoint_every: int = 256
+    checkpoint_interval_s: float = 10.0
+    #: tell each client once its update is durable (a Note "accepted")
+    acknowledge_updates: bool = True
+    #: one event line per accepted/rejected update in events.jsonl (rotated, bounded)
+    log_accepts: bool = True
+    #: scale-out ingest: this many worker processes take the updates (0: the service itself);
+    #: see aggregator/workers.py. A worker that does not close its round within
+    #: worker_close_timeout_s is recovered from its checkpoint and log by the service.
+    ingest_workers: int = 0
+    worker_close_timeout_s: float = 30.0
 
     def __post_init__(self) -> None:
         if self.rounds < 1:
@@ -59,6 +80,21 @@ class AggregatorConfig:
             raise ConfigError("round_deadline_s must be > 0")
         if self.max_norm is not None and not (math.isfinite(self.max_norm) and self.max_norm > 0):
             raise ConfigError("max_norm must be a positive number or null")
+        if self.ingest_workers < 0:
+            raise ConfigError("ingest_workers must be >= 0")
+        if self.keep_globals < 0:
+            raise ConfigError("keep_globals must be >= 0 (0 keeps every global state)")
+        try:
+            self.ingest_settings()
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+
+    def ingest_settings(self):
+        from .ingest import IngestSettings
+
+        return IngestSettings(checkpoint_every=self.checkpoint_every,
+                              checkpoint_interval_s=self.checkpoint_interval_s,
+                              sync_batch=self.sync_batch, sync_wait_s=self.sync_wait_s)
 
     def quorum_count(self, selected: int) -> int:
         return max(1, math.ceil(self.quorum * selected - 1e-9))

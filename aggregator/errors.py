@@ -38,6 +38,8 @@ class InvalidUpdate(AggregatorError):
             "weight",  # sample weight / num_examples not a finite positive number
             "payload",  # an algorithm's own check of a collected payload failed (see its message)
             "vocabulary",  # a payload from a tokenizer the aggregator does not know
+            "transport",  # the update's blob did not arrive complete and intact in time
+            "stale",  # (buffered rounds) trained on a global version older than max_staleness
         }
     )
 

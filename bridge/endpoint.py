@@ -70,6 +70,15 @@ class EndpointConfig:
     max_skew_s: float = 120.0
     parked_frames: int = 1024  # frames held while their content key is on its way
     share_group: str | None = None  # aggregator ingest workers: $share/<group>/... subscription
+    #: the aggregator's up topics: "all" (one wildcard), "shared" (share_group), or "explicit"
+    #: (only the clients given to :meth:`Endpoint.subscribe_up`: an ingest worker's shard)
+    up_topics: str = "all"
+    #: a second process of the same party (an ingest worker) needs its own MQTT client id and
+    #: must not announce the party's presence
+    instance: str | None = None
+    #: a directory shared by the aggregator's processes: blobs the service sends are kept there
+    #: so that an ingest worker, which receives the clients' chunk requests, can resend them
+    shared_blob_dir: str | None = None
 
     def __post_init__(self) -> None:
         if self.chunk_size <= 0:
@@ -120,15 +129,20 @@ class Endpoint:
         self._inbox: queue.Queue[Inbound] = queue.Queue()
         self._outgoing = OutgoingStore()
         self._out_meta: dict[str, tuple[str | None, str, int]] = {}  # sha -> (kid, recipient, round)
-        self._incoming: dict[str, _Incoming] = {}
-        self._finished: OrderedDict[str, float] = OrderedDict()  # recently handed-over blobs
+        # incoming transfers by (sender, sha256): two senders may send byte-identical blobs (an
+        # unchanged adapter), and each is its own transfer with its own chunks and requests
+        self._incoming: dict[tuple[str, str], _Incoming] = {}
+        self._finished: OrderedDict[tuple[str, str], float] = OrderedDict()  # recently handed over
         self._lock = threading.RLock()
         self._parked: dict[str, deque] = {}
         self._parked_count = 0
         status_topic = self.topics.status(self.me)
+        instance = self.config.instance
+        presence = {} if instance else {"will": (status_topic, _presence("offline")),
+                                        "online": (status_topic, _presence("online"))}
         self.transport = MqttTransport(
-            broker, client_id=f"{directory.federation}-{self.me}", handler=self._on_frame,
-            will=(status_topic, _presence("offline")), online=(status_topic, _presence("online")))
+            broker, client_id=f"{directory.federation}-{self.me}" + (f"-{instance}" if instance else ""),
+            handler=self._on_frame, **presence)
         self._stop = threading.Event()
         self._monitor: threading.Thread | None = None
 
@@ -136,8 +150,12 @@ class Endpoint:
     def start(self, timeout: float = 15.0) -> Endpoint:
         t = self.topics
         if self.role == "aggregator":
-            self.transport.subscribe(t.shared_up(self.config.share_group) if self.config.share_group else t.up_wildcard)
-            self.transport.subscribe(t.status_wildcard)
+            if self.config.share_group or self.config.up_topics == "shared":
+                self.transport.subscribe(t.shared_up(self.config.share_group or "cotune-ingest"))
+            elif self.config.up_topics == "all":
+                self.transport.subscribe(t.up_wildcard)
+            if not self.config.instance:
+                self.transport.subscribe(t.status_wildcard)
         else:
             self.transport.subscribe(t.down(self.me))
             self.transport.subscribe(t.bcast)
@@ -146,9 +164,16 @@ class Endpoint:
         self._monitor.start()
         return self
 
+    def subscribe_up(self, clients) -> None:
+        """Take the up topics of these clients (``up_topics="explicit"``: an ingest worker's
+        shard). Works with any MQTT 3.1.1 broker, and keeps a client's chunks on one worker,
+        which a round-robin ``$share`` subscription does not."""
+        self.transport.subscribe_many([self.topics.up(c) for c in clients])
+
     def close(self) -> None:
         self._stop.set()
-        self.transport.close(graceful_presence=(self.topics.status(self.me), _presence("offline")))
+        presence = None if self.config.instance else (self.topics.status(self.me), _presence("offline"))
+        self.transport.close(graceful_presence=presence)
         if self._monitor is not None:
             self._monitor.join(timeout=2)
         with self._lock:
@@ -192,28 +217,36 @@ class Endpoint:
         return blob.ref
 
     def broadcast_blob(self, recipients: list[str], source: bytes | str | os.PathLike, *, kind: str = "",
-                       round: int = 0, timeout: float = 600.0, push: bool = True) -> BlobRef:
+                       round: int = 0, timeout: float = 600.0, push: bool = True,
+                       stop: threading.Event | None = None) -> BlobRef:
         """Encrypt a blob once under a fresh content key, grant that key to each recipient
         (direct-encrypted on its own topic), then publish the chunks once on the broadcast topic.
 
         ``push=False`` grants the key and holds the blob without publishing it: for recipients
         that already hold this content (their cache); one that does not asks for the chunks
-        when its fetch stalls (``stall_timeout_s``) and gets them on its own topic."""
+        when its fetch stalls (``stall_timeout_s``) and gets them on its own topic.
+
+        ``stop``: an event that, once set, ends the grants and chunk publishing early (a
+        service asked to shut down must not finish granting ten thousand keys first)."""
         if self.role != "aggregator":
             raise BridgeError("only the aggregator broadcasts")
         key = os.urandom(32)
         kid = self.sealer.add_content_key(key)
-        for r in recipients:
-            self.send(r, KeyGrant(kid, base64.b64encode(key).decode(), round), round=round)
+        grant = encode(KeyGrant(kid, base64.b64encode(key).decode(), round))
+        for i, r in enumerate(recipients):
+            if stop is not None and i % 256 == 0 and stop.is_set():
+                break
+            self.transport.publish(self._topic_to(r), self.sealer.seal(r, KeyGrant.TYPE, grant, round=round))
         blob = OutgoingBlob(source, self.config.chunk_size, kind)
         self._outgoing.put(blob)
         self._out_meta[blob.ref.sha256] = (kid, BROADCAST, round)
-        if push:
-            self._publish_chunks(blob, BROADCAST, range(blob.ref.total_chunks), kid, round, timeout)
+        self._share(blob, source)
+        if push and not (stop is not None and stop.is_set()):
+            self._publish_chunks(blob, BROADCAST, range(blob.ref.total_chunks), kid, round, timeout, stop)
         return blob.ref
 
     def _publish_chunks(self, blob: OutgoingBlob, recipient: str, indices, kid: str | None, round: int,
-                        timeout: float) -> None:
+                        timeout: float, stop: threading.Event | None = None) -> None:
         topic = self._topic_to(recipient)
         ref = blob.ref
         window: deque = deque()
@@ -229,6 +262,8 @@ class Endpoint:
                     continue
                 if time.monotonic() > deadline:
                     raise TransportError(f"blob {ref.sha256[:12]}: broker did not acknowledge chunks within {timeout}s")
+                if (stop is not None and stop.is_set()) or self._stop.is_set():
+                    return
                 time.sleep(0.001)
 
     # -- receiving ------------------------------------------------------------------------
@@ -238,24 +273,68 @@ class Endpoint:
         except queue.Empty:
             return None
 
+    def recv_nowait(self) -> Inbound | None:
+        try:
+            return self._inbox.get_nowait()
+        except queue.Empty:
+            return None
+
+    def inbox_size(self) -> int:
+        """Messages received and not yet taken with :meth:`recv` (approximate)."""
+        return self._inbox.qsize()
+
     def fetch_blob(self, ref: BlobRef, sender: str, timeout: float = 600.0, *, round: int | None = None) -> BlobResult:
         """Wait for a blob (that may already be arriving, or may have arrived). Missing chunks
         are asked for automatically when the transfer stalls. Raises BlobIntegrityError or
         TransportError on failure. ``round``: the round the blob belongs to, used for the
         resume requests of a blob of which no chunk arrived yet (one offered, not pushed)."""
-        inc = self._incoming_for(ref, sender, self.round_floor if round is None else round)
-        inc.wanted = True
-        if not inc.done.wait(timeout):
+        handle = self.want_blob(ref, sender, round=round)
+        if not handle.done.wait(timeout):
+            inc = handle
+            self.drop_blob(ref, sender)
             raise TransportError(f"blob {ref.sha256[:12]} from {sender} not complete after {timeout}s "
                                  f"({inc.assembly.received}/{inc.assembly.total} chunks)")
+        return self.take_blob(ref, sender)
+
+    def want_blob(self, ref: BlobRef, sender: str, *, round: int | None = None) -> _Incoming:
+        """Start waiting for a blob without blocking: the returned handle's ``done`` event is
+        set when it is complete (or failed); then :meth:`take_blob` hands it over. A wanted blob
+        that stalls is asked for again (``stall_timeout_s``)."""
+        inc = self._incoming_for(ref, sender, self.round_floor if round is None else round)
+        inc.wanted = True
+        return inc
+
+    def blob_done(self, ref: BlobRef, sender: str) -> bool:
+        """Whether a wanted blob is complete or failed (then :meth:`take_blob` returns or
+        raises at once). A blob nobody wants reads as not done."""
+        inc = self._incoming.get((sender, ref.sha256))
+        return inc is not None and inc.done.is_set()
+
+    def take_blob(self, ref: BlobRef, sender: str) -> BlobResult:
+        """Hand over a completed blob (see :meth:`want_blob`); raises its transfer error."""
+        key = (sender, ref.sha256)
         with self._lock:
-            self._incoming.pop(ref.sha256, None)
-            self._finished[ref.sha256] = time.monotonic()
+            inc = self._incoming.pop(key, None)
+            self._finished[key] = time.monotonic()
             while len(self._finished) > 4096:
                 self._finished.popitem(last=False)
+        if inc is None or not inc.done.is_set():
+            raise TransportError(f"blob {ref.sha256[:12]} from {sender} is not complete")
         if inc.error is not None:
             raise inc.error
         return inc.result
+
+    def drop_blob(self, ref: BlobRef, sender: str) -> None:
+        """Give up on a transfer: its parts are deleted and later chunks start nothing."""
+        key = (sender, ref.sha256)
+        with self._lock:
+            inc = self._incoming.pop(key, None)
+            self._finished[key] = time.monotonic()
+        if inc is not None:
+            if inc.result is not None:
+                inc.result.discard()
+            else:
+                inc.assembly.abort()
 
     def set_round_floor(self, round: int) -> None:
         """Messages for rounds below this are rejected as StaleRound from now on."""
@@ -317,7 +396,7 @@ class Endpoint:
                 return
             self._unpark(kid)
         elif isinstance(msg, ChunkRequest):
-            self._resend(h.sender, msg)
+            self._resend(h.sender, msg, h.round)
         elif isinstance(msg, BlobAck):
             kid, recipient, _ = self._out_meta.get(msg.sha256, (None, "", 0))
             if recipient == h.sender:  # broadcast blobs stay for the other recipients
@@ -353,10 +432,10 @@ class Endpoint:
 
     def _incoming_for(self, ref: BlobRef, sender: str, round: int) -> _Incoming:
         with self._lock:
-            inc = self._incoming.get(ref.sha256)
+            inc = self._incoming.get((sender, ref.sha256))
             if inc is None:
                 inc = _Incoming(Assembly(ref, self.config.spill_dir, self.config.spill_threshold), sender, round)
-                self._incoming[ref.sha256] = inc
+                self._incoming[(sender, ref.sha256)] = inc
             return inc
 
     def _on_chunk(self, h: Header, data: bytes) -> None:
@@ -389,11 +468,48 @@ class Endpoint:
             except BridgeError as exc:
                 log.info("could not acknowledge blob %s: %s", inc.assembly.ref.sha256[:12], exc)
 
-    def _resend(self, requester: str, req: ChunkRequest) -> None:
+    def _share(self, blob: OutgoingBlob, source) -> None:
+        d = self.config.shared_blob_dir
+        if d is None or not isinstance(source, (bytes, bytearray, memoryview)):
+            return
+        path = Path(d) / blob.ref.sha256
+        if path.exists():
+            os.utime(path)
+            return
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp.write_bytes(source)
+        os.replace(tmp, path)
+        # blobs of past rounds go: resends are asked for within a round
+        cutoff = time.time() - 6 * 3600
+        for old in Path(d).iterdir():
+            try:
+                if old.stat().st_mtime < cutoff:
+                    old.unlink()
+            except OSError:
+                pass
+
+    def _shared_blob(self, sha256: str) -> OutgoingBlob | None:
+        d = self.config.shared_blob_dir
+        if d is None or not all(c in "0123456789abcdef" for c in sha256) or len(sha256) != 64:
+            return None
+        path = Path(d) / sha256
+        if not path.is_file():
+            return None
+        return OutgoingBlob(path, self.config.chunk_size, sha256=sha256)
+
+    def _resend(self, requester: str, req: ChunkRequest, asked_in: int = 0) -> None:
         blob = self._outgoing.get(req.sha256)
-        kid, _, round = self._out_meta.get(req.sha256, (None, "", 0))
+        kid, _, round = self._out_meta.get(req.sha256, (None, "", asked_in))
         if blob is None:
-            self.send(requester, ErrorReport("unknown_blob", "blob no longer held; request it again", req.sha256), round=round)
+            # another process of this party sent it (an ingest worker answers for the service):
+            # resent direct-encrypted to the requester, which does not care how chunks travel
+            blob, kid, round = self._shared_blob(req.sha256), None, max(asked_in, round)
+        if blob is None:
+            # answered in the round the request came from: a reply in round 0 would be dropped
+            # as stale by a receiver that has moved on
+            self.send(requester, ErrorReport("unknown_blob", "blob no longer held; request it again", req.sha256),
+                      round=max(asked_in, round))
             return
         indices = from_ranges(req.missing, blob.ref.total_chunks)
         log.info("%s resends %d chunks of %s to %s", self.me, len(indices), req.sha256[:12], requester)
@@ -409,7 +525,7 @@ class Endpoint:
                 # harmless new assembly, but only a fetch_blob() for it justifies asking for more
                 stalled = [inc for inc in self._incoming.values()
                            if not inc.done.is_set() and now - inc.assembly.last_progress > self.config.stall_timeout_s
-                           and (inc.wanted or inc.assembly.ref.sha256 not in self._finished)]
+                           and (inc.wanted or (inc.sender, inc.assembly.ref.sha256) not in self._finished)]
             for inc in stalled:
                 if not self.transport.connected:
                     continue  # ask once we are back; the broker may also still deliver
@@ -431,14 +547,14 @@ class Endpoint:
 
 
     def _drop_orphans(self, now: float) -> None:
-        for sha, inc in list(self._incoming.items()):
+        for key, inc in list(self._incoming.items()):
             if not inc.wanted and now - inc.assembly.last_progress > self.config.orphan_ttl_s:
-                log.info("%s drops unfetched blob %s", self.me, sha[:12])
+                log.info("%s drops unfetched blob %s from %s", self.me, key[1][:12], key[0])
                 if inc.result is not None:
                     inc.result.discard()
                 else:
                     inc.assembly.abort()
-                del self._incoming[sha]
+                del self._incoming[key]
 
 
 def _presence(state: str) -> bytes:

@@ -175,6 +175,7 @@ class MqttTransport:
 
     def close(self, graceful_presence: tuple[str, bytes] | None = None) -> None:
         self._closing = True
+        self._drain()  # unblocks a network thread waiting on a full queue
         client = self._client
         if client is not None:
             if graceful_presence is not None and self._connected.is_set():
@@ -183,10 +184,21 @@ class MqttTransport:
                 except (RuntimeError, ValueError):
                     pass
             self._stop_client(client)
+        # frames received but not handled are dropped, not worked through: a service asked to
+        # stop must stop within seconds; the protocol re-asks for anything unanswered (Tasks
+        # are re-sent on restart and answered from the client's cache)
+        self._drain()
         self._queue.put(None)
         if self._worker is not None:
             self._worker.join(timeout=5)
         self._connected.clear()
+
+    def _drain(self) -> None:
+        try:
+            while True:
+                self._queue.get_nowait()
+        except queue.Empty:
+            pass
 
     # -- paho callbacks (network thread) ---------------------------------------------------
     def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
@@ -195,8 +207,7 @@ class MqttTransport:
             self.stats.connects += 1
             if properties is not None and hasattr(properties, "MaximumPacketSize"):
                 self.broker_max_packet = properties.MaximumPacketSize
-            for topic, qos in self._subs.items():
-                client.subscribe(topic, qos=qos)
+            _subscribe_batched(client, list(self._subs.items()))
             if self.online:
                 client.publish(self.online[0], self.online[1], qos=1, retain=True)
             self._connected.set()
@@ -215,6 +226,8 @@ class MqttTransport:
     def _on_message(self, client, userdata, msg) -> None:
         self.stats.messages_in += 1
         self.stats.bytes_in += len(msg.payload)
+        if self._closing:
+            return
         self._queue.put((msg.topic, msg.payload))  # blocks when full: back-pressure
 
     def _work(self) -> None:
@@ -243,6 +256,14 @@ class MqttTransport:
             if rc != mqtt.MQTT_ERR_SUCCESS:
                 log.warning("subscribe %s returned %s (will retry on reconnect)", topic, rc)
 
+    def subscribe_many(self, topics: list[str], qos: int = 1) -> None:
+        """Many subscriptions in few SUBSCRIBE packets (an ingest worker takes thousands)."""
+        fresh = [t for t in topics if t not in self._subs]
+        for t in fresh:
+            self._subs[t] = qos
+        if self._client is not None and self.connected:
+            _subscribe_batched(self._client, [(t, qos) for t in fresh])
+
     def publish(self, topic: str, payload: bytes, *, retain: bool = False, wait: float | None = None,
                 expiry_s: int | None = None) -> mqtt.MQTTMessageInfo:
         """QoS 1 publish. While disconnected the message is queued by paho and sent after the
@@ -265,6 +286,13 @@ class MqttTransport:
                     raise TransportError(f"publish to {topic} not acknowledged within {wait}s")
                 time.sleep(0.005)
         return info
+
+
+def _subscribe_batched(client: mqtt.Client, subs: list[tuple[str, int]], batch: int = 256) -> None:
+    for i in range(0, len(subs), batch):
+        rc, _ = client.subscribe(subs[i:i + batch])
+        if rc != mqtt.MQTT_ERR_SUCCESS:
+            log.warning("subscribe of %d topics returned %s (will retry on reconnect)", len(subs[i:i + batch]), rc)
 
 
 def acked(info: mqtt.MQTTMessageInfo) -> bool:

@@ -151,11 +151,12 @@ def test_blob_survives_a_broker_kill_and_restart(make_federation, tmp_path):
         sent: list = []
         sender = threading.Thread(target=lambda: sent.append(edge.send_blob("aggregator", data, round=1, timeout=120)))
         sender.start()
-        assert _wait(lambda: sha in agg._incoming and agg._incoming[sha].assembly.received >= 10, 30)
+        key = ("edge", sha)
+        assert _wait(lambda: key in agg._incoming and agg._incoming[key].assembly.received >= 10, 30)
         broker.kill()
         time.sleep(1.0)
         broker.start()
-        ref = next(iter([agg._incoming[sha].assembly.ref]))
+        ref = agg._incoming[key].assembly.ref
         res = agg.fetch_blob(ref, "edge", timeout=120)
         sender.join(60)
         assert sent and sent[0].sha256 == sha, "the sender must finish cleanly across the restart"

@@ -1,0 +1,224 @@
+"""The path of a client's update from the inbox to a durable, acknowledged contribution.
+
+One implementation, used by the aggregator service (single-process ingest) and by each ingest
+worker process (several per host, or on several hosts): admit (the round's in-memory index),
+take the blob once it is complete without holding up anyone else, validate, fold and log
+(:class:`~aggregator.ingest.RoundIngest`), commit the log per batch and acknowledge the batch,
+and write rejections to the ledger in batches.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+from algorithms.base import AlgorithmError, unpack_state
+from bridge.endpoint import Endpoint, Inbound
+from bridge.errors import BridgeError
+from bridge.messages import ErrorReport, Note, Update
+
+from .errors import InvalidUpdate
+from .ingest import RoundIngest
+from .intake import check_update
+from .state import EventRecord, update_digest
+from .validation import UpdateSpec
+
+log = logging.getLogger("cotune.aggregator")
+
+
+def event(kind: str, **fields) -> None:
+    """Structured log line: one JSON object per event."""
+    log.info(json.dumps({"event": kind, **fields}, default=str, sort_keys=True))
+
+
+_event = event
+
+
+class UpdateIntake:
+    """Takes updates for the open round from an endpoint's inbox. ``on_other`` receives every
+    inbound message that is not an Update."""
+
+    def __init__(self, endpoint: Endpoint, algorithm: Any, rule: str, cfg: Any, store: Any, *,
+                 stop: threading.Event, progress: Callable[[str], None],
+                 on_other: Callable[[Inbound], None] | None = None) -> None:
+        self.endpoint, self.algorithm, self.rule, self.cfg = endpoint, algorithm, rule, cfg
+        self.store = store
+        self.stop = stop
+        self.progress = progress
+        self.on_other = on_other or (lambda inbound: _event("ignored", client=inbound.sender,
+                                                            type=inbound.message.TYPE))
+        self.current_round = 0
+        self.awaiting: dict[str, tuple[Update, Any, float]] = {}
+        self.rejections: list[tuple[int, str, str, str]] = []
+        self.wire_rejections: deque = deque(maxlen=4096)
+        self.wire_dropped = 0
+        endpoint.on_reject = self.on_bridge_reject
+
+    def collect(self, r: int, ingest: RoundIngest, spec: UpdateSpec, deadline: float,
+                bytes_at_start: dict, *, until: Callable[[], bool] | None = None,
+                close_when_complete: bool = True) -> None:
+        """Take updates until every selected client answered (``close_when_complete``), the
+        deadline passed or ``until()`` says so. Each loop pass handles one message, hands over
+        blobs that completed, and commits the log when the inbox ran dry or the batch is full
+        (group commit), acknowledging that batch."""
+        self.awaiting = {}
+        while not self.stop.is_set():
+            if close_when_complete and ingest.book.pending_count == 0:
+                break
+            if until is not None and until():
+                break
+            now = time.time()
+            if now >= deadline:
+                _event("deadline", round=r, pending=len(ingest.book.pending()))
+                break
+            wait = 0.0 if ingest.log.unsynced else min(0.25 if self.awaiting else 0.5, deadline - now)
+            inbound = self.endpoint.recv(timeout=wait) if wait > 0 else self.endpoint.recv_nowait()
+            if inbound is not None:
+                if isinstance(inbound.message, Update):
+                    self.on_update(r, inbound.sender, inbound.message, ingest, spec, bytes_at_start)
+                else:
+                    self.on_other(inbound)
+            if self.awaiting:
+                self.take_blobs(r, ingest, spec, deadline, bytes_at_start)
+            idle = inbound is None or self.endpoint.inbox_size() == 0
+            if ingest.sync_due(idle):
+                self.acknowledge(r, ingest.sync())
+            if ingest.checkpoint_due():
+                ingest.checkpoint()
+            if self.rejections and (idle or len(self.rejections) >= 256):
+                self.flush_rejections()
+        self.acknowledge(r, ingest.sync())
+        for client, (_upd, ref, _) in self.awaiting.items():
+            self.endpoint.drop_blob(ref, client)
+            if not self.stop.is_set():
+                self.reject(r, client, "transport", "the update blob did not arrive before the round closed",
+                             ingest)
+        self.awaiting = {}
+
+    def on_update(self, r: int, client: str, upd: Update, ingest: RoundIngest, spec: UpdateSpec,
+                   bytes_at_start: dict) -> None:
+        try:
+            if upd.round != r:
+                raise InvalidUpdate("round", f"update for round {upd.round}, current round is {r}", client=client)
+            ingest.book.check(client)
+            if upd.algorithm != self.cfg.algorithm:
+                raise InvalidUpdate("names", f"update for algorithm {upd.algorithm!r}, federation runs "
+                                             f"{self.cfg.algorithm!r}", client=client)
+            if not upd.tensors:
+                if "update" not in upd.blobs:
+                    raise InvalidUpdate("names", "update carries neither inline tensors nor an 'update' blob",
+                                        client=client)
+                ref = upd.blob("update")
+                previous = self.awaiting.pop(client, None)
+                if previous is not None and previous[1].sha256 != ref.sha256:
+                    self.endpoint.drop_blob(previous[1], client)
+                # the blob is taken once complete, without holding up other clients' updates
+                self.endpoint.want_blob(ref, client, round=r)
+                self.awaiting[client] = (upd, ref, time.time())
+                return
+        except InvalidUpdate as exc:
+            self.reject(r, client, exc.reason, str(exc), ingest)
+            return
+        self.ingest(r, client, upd, dict(upd.tensors), ingest, spec, bytes_at_start)
+
+    def take_blobs(self, r: int, ingest: RoundIngest, spec: UpdateSpec, deadline: float,
+                    bytes_at_start: dict) -> None:
+        for client in [c for c, (_, ref, _) in self.awaiting.items() if self.endpoint.blob_done(ref, c)]:
+            upd, ref, _ = self.awaiting.pop(client)
+            try:
+                res = self.endpoint.take_blob(ref, client)
+            except BridgeError as exc:
+                self.reject(r, client, "transport", str(exc), ingest)
+                continue
+            try:
+                tensors = unpack_state(res.read())
+            except Exception as exc:
+                self.reject(r, client, "names", f"update blob is not a tensor file: {exc}", ingest)
+                continue
+            finally:
+                res.discard()
+            self.ingest(r, client, upd, tensors, ingest, spec, bytes_at_start)
+
+    def ingest(self, r: int, client: str, upd: Update, tensors: dict, ingest: RoundIngest, spec: UpdateSpec,
+                bytes_at_start: dict) -> None:
+        try:
+            checked = check_update(self.algorithm, self.rule, tensors, spec, client=client,
+                                   max_norm=self.cfg.max_norm, clip=self.cfg.clip)
+            weight = self.algorithm.update_weight(upd.metrics, upd.num_examples)
+            metrics = {**upd.metrics, "num_examples": upd.num_examples, "norm": checked.norm,
+                       "clipped": checked.clipped,
+                       "bytes_up": self.endpoint.bytes_from[client] - bytes_at_start.get(client, 0)}
+            ingest.accept(client, checked, weight=weight, num_examples=upd.num_examples,
+                          update_digest=update_digest(checked.tensors), metrics=metrics)
+        except InvalidUpdate as exc:
+            self.reject(r, client, exc.reason, str(exc), ingest)
+            return
+        except (BridgeError, AlgorithmError) as exc:
+            self.reject(r, client, "payload", str(exc), ingest)
+            return
+        if self.cfg.log_accepts:
+            _event("accepted", round=r, client=client, num_examples=upd.num_examples, norm=round(checked.norm, 6))
+        if ingest.book.n_selected <= 64:
+            self.progress(f"round {r}: accepted {client} ({upd.num_examples} examples, |delta| {checked.norm:.3g})")
+        elif len(ingest.book.accepted) % 1000 == 0:
+            self.progress(f"round {r}: {len(ingest.book.accepted)}/{ingest.book.n_selected} updates accepted")
+
+    def acknowledge(self, r: int, records: list) -> None:
+        """Tell each sender of a now-durable update that it is counted (after the group commit,
+        never before: an acknowledged update survives any crash)."""
+        if not self.cfg.acknowledge_updates:
+            return
+        for rec in records:
+            try:
+                self.endpoint.send(rec.client, Note("accepted", {"update_digest": rec.update_digest}, round=r),
+                                   round=r)
+            except BridgeError as exc:
+                log.info("could not acknowledge %s: %s", rec.client, exc)
+
+    def reject(self, r: int, client: str, reason: str, detail: str, ingest: RoundIngest | None = None) -> None:
+        """Counted in memory and written to the ledger in batches: a flood of bad updates costs
+        one transaction per batch, not one per update."""
+        if ingest is not None:
+            ingest.book.reject(client)
+        self.rejections.append((r, client, reason, detail[:500]))
+        if self.cfg.log_accepts or len(self.rejections) < 64:
+            _event("rejected", round=r, client=client, reason=reason, detail=detail[:500])
+        if ingest is None or ingest.book.n_selected <= 64:
+            self.progress(f"round {r}: rejected update from {client}: {reason}: {detail}")
+        try:
+            self.endpoint.send(client, ErrorReport(reason, detail[:500], round=r), round=r)
+        except BridgeError as exc:
+            log.warning("could not tell %s about the rejection: %s", client, exc)
+
+    def flush_rejections(self) -> None:
+        rows, self.rejections = self.rejections, []
+        wire = []
+        while self.wire_rejections:
+            wire.append(self.wire_rejections.popleft())
+        by_round: dict[int, list] = {}
+        for r, client, reason, detail in rows:
+            by_round.setdefault(r, []).append((client, reason, detail))
+        for r, items in by_round.items():
+            self.store.reject_many(r, items)
+        if wire:
+            self.store.record_events(wire)
+        if self.wire_dropped:
+            n, self.wire_dropped = self.wire_dropped, 0
+            self.store.record_events([EventRecord("wire_rejected", self.current_round or None, None, "overflow",
+                                                  f"{n} more wire rejections counted but not itemised")])
+
+    def on_bridge_reject(self, exc: BridgeError, sender: str | None) -> None:
+        """Frames the bridge refused (replayed, tampered, stale...): counted by the endpoint,
+        kept here in a bounded buffer that the ingest loop writes in batches (this runs on the
+        receive thread, which must never wait for the database)."""
+        if len(self.wire_rejections) >= self.wire_rejections.maxlen:
+            self.wire_dropped += 1
+            return
+        self.wire_rejections.append(EventRecord("wire_rejected", self.current_round or None, sender, exc.code,
+                                                str(exc)[:500], time.time()))
+
