@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 # Override for CUDA / Jetson, e.g. make test TORCH_SPEC="torch==2.5.0"
 TORCH_SPEC ?= torch==2.13.0
-EXTRAS ?= ml,quant,onnx,dev
+EXTRAS ?= ml,quant,onnx,dev,postgres
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 

@@ -1,11 +1,11 @@
 """The state store: round life cycle, checkpoints, schema versioning, and the crash contract
-tested for real (a child process accepting updates is SIGKILLed at random instants)."""
+tested for real (a child process accepting updates is SIGKILLed at random instants), on both
+ledger backends (``state_backend``: SQLite, and a real PostgreSQL server when installed)."""
 
 from __future__ import annotations
 
 import os
 import signal
-import sqlite3
 import subprocess
 import sys
 import time
@@ -42,8 +42,8 @@ class Clock:
         return self.t
 
 
-def new_store(tmp_path: Path, clock: Clock | None = None) -> StateStore:
-    store = StateStore(tmp_path / "state.db", clock=clock or Clock())
+def new_store(backend, clock: Clock | None = None) -> StateStore:
+    store = backend.open(clock=clock or Clock())
     if store.federation() is None:
         store.init_federation("fed-test", "fedavg_lora", {"rounds": 3}, GLOBAL0)
     return store
@@ -61,9 +61,9 @@ def accept(store: StateStore, agg: WeightedMean, rnd: int, i: int) -> str:
 # --------------------------------------------------------------------------- life cycle
 
 
-def test_round_life_cycle_and_reopen(tmp_path: Path) -> None:
+def test_round_life_cycle_and_reopen(state_backend) -> None:
     clock = Clock()
-    store = new_store(tmp_path, clock)
+    store = new_store(state_backend, clock)
     assert store.current_round().round == 0 and store.current_round().status == "committed"
     np.testing.assert_array_equal(store.load_global().tensors["lora_A"], GLOBAL0["lora_A"])
 
@@ -116,7 +116,7 @@ def test_round_life_cycle_and_reopen(tmp_path: Path) -> None:
     before = (store.status(), store.load_round(1), store.events())
     store.close()
 
-    reopened = StateStore(tmp_path / "state.db", clock=clock)
+    reopened = state_backend.open(clock=clock)
     assert (reopened.status(), reopened.load_round(1), reopened.events()) == before
     for n, arr in reopened.load_global().tensors.items():
         np.testing.assert_array_equal(arr, new_global[n])
@@ -124,9 +124,9 @@ def test_round_life_cycle_and_reopen(tmp_path: Path) -> None:
     reopened.close()
 
 
-def test_accept_refusals_change_nothing(tmp_path: Path) -> None:
+def test_accept_refusals_change_nothing(state_backend) -> None:
     clock = Clock()
-    store = new_store(tmp_path, clock)
+    store = new_store(state_backend, clock)
     store.open_round(["c000", "c001"], deadline=clock.t + 10)
     agg = WeightedMean()
     agg.begin(UpdateSpec.from_state(GLOBAL0))
@@ -159,9 +159,9 @@ def test_accept_refusals_change_nothing(tmp_path: Path) -> None:
 
 
 def test_failed_transaction_leaves_old_partial_and_orphan_is_collected(
-    tmp_path: Path, monkeypatch
+    state_backend, monkeypatch
 ) -> None:
-    store = new_store(tmp_path)
+    store = new_store(state_backend)
     store.open_round(["c000", "c001"])
     agg = WeightedMean()
     agg.begin(UpdateSpec.from_state(GLOBAL0))
@@ -191,14 +191,17 @@ def test_failed_transaction_leaves_old_partial_and_orphan_is_collected(
     store.close()
 
 
-def test_schema_version_mismatch_and_foreign_file(tmp_path: Path) -> None:
-    new_store(tmp_path).close()
-    db = sqlite3.connect(tmp_path / "state.db")
-    db.execute("UPDATE meta SET value = '999' WHERE key = 'schema_version'")
-    db.commit()
-    db.close()
+def test_schema_version_mismatch(state_backend) -> None:
+    new_store(state_backend).close()
+    state_backend.sql("UPDATE meta SET value = '999' WHERE key = 'schema_version'")
     with pytest.raises(SchemaVersionError, match="999"):
-        StateStore(tmp_path / "state.db")
+        state_backend.open()
+    state_backend.sql("DELETE FROM meta")
+    with pytest.raises(SchemaVersionError, match="None"):
+        state_backend.open()
+
+
+def test_foreign_file_is_refused(tmp_path: Path) -> None:
     (tmp_path / "junk.db").write_bytes(b"not a database" * 100)
     with pytest.raises(StateError):
         StateStore(tmp_path / "junk.db")
@@ -235,14 +238,14 @@ CHILD = (
 import sys
 import numpy as np
 from aggregator.aggregation import aggregator_from_state, make_aggregator
-from aggregator.state import StateStore, update_digest
+from aggregator.state import open_store, update_digest
 from aggregator.validation import UpdateSpec
 """
     + UPDATE_SRC
     + """
-db, kind, spill, n = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+target, ckpt, kind, spill, n = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5])
 kw = {} if kind == "fedavg" else {"spill_dir": spill}
-store = StateStore(db)
+store = open_store(target, checkpoints=ckpt or None)
 rnd = store.current_round().round
 rs = store.load_round(rnd)
 if rs.partial is None:
@@ -269,9 +272,9 @@ def _ack(line: str) -> bool:
     return line.startswith("accepted c") and line.endswith("\n") and len(line.split()) == 2
 
 
-def check_invariant(db: Path, kind: str, spill: Path, printed: set[str]) -> list[str]:
+def check_invariant(backend, kind: str, spill: Path, printed: set[str]) -> list[str]:
     """accepted rows == contributions in the referenced partial aggregate, exactly."""
-    store = StateStore(db)
+    store = backend.open()
     try:
         rs = store.load_round(1)
         accepted = rs.accepted
@@ -307,15 +310,16 @@ def check_invariant(db: Path, kind: str, spill: Path, printed: set[str]) -> list
 
 @pytest.mark.parametrize(("kind", "clients", "kills"), [("fedavg", 40, 6), ("median", 20, 3)])
 def test_sigkill_at_random_instants_loses_and_double_counts_nothing(
-    tmp_path: Path, kind: str, clients: int, kills: int
+    state_backend, tmp_path: Path, kind: str, clients: int, kills: int
 ) -> None:
     rng = np.random.default_rng(20240607)
-    db, spill = tmp_path / "state.db", tmp_path / "spill"
-    store = new_store(tmp_path)
+    spill = tmp_path / "spill"
+    store = new_store(state_backend)
     store.open_round([f"c{i:03d}" for i in range(clients)])
     store.close()
     env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    cmd = [sys.executable, "-c", CHILD, str(db), kind, str(spill), str(clients)]
+    ckpt = str(state_backend.checkpoints or "")
+    cmd = [sys.executable, "-c", CHILD, state_backend.target, ckpt, kind, str(spill), str(clients)]
     printed: set[str] = set()
     killed, interval = 0, 0.002  # interval: measured time of one accept in the child
     for _ in range(kills + 1):
@@ -353,7 +357,7 @@ def test_sigkill_at_random_instants_loses_and_double_counts_nothing(
                 child.kill()
                 child.wait()
         killed += not done
-        accepted = check_invariant(db, kind, spill, printed)
+        accepted = check_invariant(state_backend, kind, spill, printed)
         if done:
             break
     assert killed == kills
