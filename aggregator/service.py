@@ -77,6 +77,7 @@ class AggregatorService:
         #: the round's rule: the configured numeric one, or "collect" when the algorithm says so
         self.rule = aggregation_rule(self.algorithm, config.aggregation)
         self._stop = threading.Event()
+        self._stop_at = 0.0
         #: blob hash -> clients this process already sent it to (they cache downloads by hash)
         self._delivered: dict[str, set[str]] = {}
         #: worker mode: ingest runs in these processes, the service coordinates and merges
@@ -89,6 +90,7 @@ class AggregatorService:
 
     # -- lifecycle ------------------------------------------------------------------------
     def stop(self) -> None:
+        self._stop_at = time.monotonic()
         self._stop.set()
 
     def run(self) -> dict:
@@ -139,6 +141,8 @@ class AggregatorService:
                 self.workers.stop()
             self.endpoint.close()
         self.intake.flush_rejections()
+        if self._stop.is_set():
+            _event("stopped", after_s=round(time.monotonic() - self._stop_at, 3))
         return self.store.status()
 
     # -- selection ------------------------------------------------------------------------

@@ -177,6 +177,19 @@ def test_the_same_content_can_be_sent_again_after_it_was_fetched(parties):
         assert agg.fetch_blob(ref, "alice", timeout=30).read() == data
 
 
+def test_byte_identical_blobs_from_two_senders_are_two_transfers(parties):
+    """An unchanged adapter sent by two devices: each transfer completes on its own, at once
+    (keyed by content hash alone, the second one used to stall and fail as 'transport')."""
+    alice, bob, agg = parties["alice"], parties["bob"], parties["aggregator"]
+    data = os.urandom(600_000)
+    refs = [ep.send_blob("aggregator", data, round=1) for ep in (alice, bob)]
+    assert refs[0].sha256 == refs[1].sha256
+    t0 = time.monotonic()
+    assert agg.fetch_blob(refs[1], "bob", timeout=10).read() == data
+    assert agg.fetch_blob(refs[0], "alice", timeout=10).read() == data
+    assert time.monotonic() - t0 < 5  # no stall-and-resume cycle
+
+
 def test_password_listener_and_presence_with_last_will(federation, mosquitto, parties):
     """A device without a client certificate joins through the password listener; its retained
     presence says online, and its last will says offline when it vanishes without a goodbye."""
