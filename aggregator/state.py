@@ -65,7 +65,7 @@ import safetensors.numpy
 from .errors import CheckpointCorrupt, InvalidUpdate, SchemaVersionError, StateError
 from .state_sql import Database, connect, is_postgres_target
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 CHECKPOINT_FORMAT = "cotune.checkpoint"
 CHECKPOINT_VERSION = 1
 _META_KEY = "cotune"  # the only safetensors metadata key, so the header bytes are deterministic
@@ -384,6 +384,15 @@ _PRUNED_TABLE = """CREATE TABLE pruned (
         kind TEXT NOT NULL CHECK (kind IN ('global', 'partial')),
         at DOUBLE PRECISION NOT NULL)"""
 
+# the partial aggregates of scale-out ingest workers (aggregator/workers.py), one per worker
+_WORKERS_TABLE = """CREATE TABLE worker_partials (
+        round INTEGER NOT NULL,
+        worker INTEGER NOT NULL,
+        digest TEXT,
+        final INTEGER NOT NULL,
+        updated_at DOUBLE PRECISION NOT NULL,
+        PRIMARY KEY (round, worker))"""
+
 _SCHEMA = (
     "CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
     """CREATE TABLE federation (
@@ -422,10 +431,17 @@ _SCHEMA = (
         detail TEXT)""",
     "CREATE INDEX events_round ON events (round)",
     _PRUNED_TABLE,
+    _WORKERS_TABLE,
 )
 
 #: schema version -> the statements that bring a ledger of that version to the next one
-_MIGRATIONS: dict[int, tuple[str, ...]] = {1: (_PRUNED_TABLE,)}
+_MIGRATIONS: dict[int, tuple[str, ...]] = {1: (_PRUNED_TABLE,), 2: (_WORKERS_TABLE,)}
+
+_UPSERT_WORKER = (
+    "INSERT INTO worker_partials (round, worker, digest, final, updated_at) VALUES (?, ?, ?, ?, ?)"
+    " ON CONFLICT (round, worker) DO UPDATE SET digest = excluded.digest, final = excluded.final,"
+    " updated_at = excluded.updated_at"
+)
 
 _INSERT_EVENT = (
     "INSERT INTO events (at, round, client, kind, reason, detail) VALUES (?, ?, ?, ?, ?, ?)"
@@ -697,12 +713,18 @@ class StateStore:
         return head
 
     def accept_many(
-        self, round: int, records: Iterable[AcceptRecord], partial_digest: str | None
+        self,
+        round: int,
+        records: Iterable[AcceptRecord],
+        partial_digest: str | None,
+        *,
+        worker: int | None = None,
     ) -> None:
         """Mark every record's client accepted and point the round at ``partial_digest`` (a
         checkpoint already written, holding exactly the accepted updates including these), in
         ONE transaction. ``partial_digest`` None leaves the round's partial as it is (the
-        caller checkpoints later, see :meth:`set_partial`).
+        caller checkpoints later, see :meth:`set_partial`). ``worker``: the partial is ingest
+        worker ``worker``'s (see :meth:`worker_partials`), not the round's.
 
         The round must be the current one and open; every client selected or rejected (not
         accepted, not dropped), at most once in the batch; ``num_examples`` a positive int.
@@ -751,7 +773,9 @@ class StateStore:
                     )
                     if changed != len(rows):
                         raise _BatchRefused
-                if partial_digest is not None:
+                if partial_digest is not None and worker is not None:
+                    db.execute(_UPSERT_WORKER, (round, int(worker), partial_digest, 0, now))
+                elif partial_digest is not None:
                     db.execute(
                         "UPDATE rounds SET partial_digest = ? WHERE round = ?",
                         (partial_digest, round),
@@ -759,8 +783,38 @@ class StateStore:
         except _BatchRefused:
             # rolled back; name the first offender as the ledger stands without the batch
             raise self._first_unacceptable(round, [r[5] for r in rows]) from None
-        if partial_digest is not None:
+        if partial_digest is not None and worker is None:
             self._discard_superseded(head.partial_digest, partial_digest)
+
+    # -- scale-out ingest: the ledger is the workers' control plane ------------------------
+
+    def worker_partials(self, round: int) -> dict[int, tuple[str | None, bool]]:
+        """worker -> (its latest partial digest, whether it closed the round)."""
+        rows = self._db.execute(
+            "SELECT worker, digest, final FROM worker_partials WHERE round = ?", (int(round),)
+        ).fetchall()
+        return {int(w): (d, bool(f)) for w, d, f in rows}
+
+    def set_worker_partial(
+        self, round: int, worker: int, digest: str | None, *, final: bool = False
+    ) -> None:
+        if digest is not None:
+            self._require_file(digest)
+        with self._tx() as db:
+            db.execute(_UPSERT_WORKER, (int(round), int(worker), digest, int(final), self._clock()))
+
+    def request_close(self, round: int) -> None:
+        """Ask the ingest workers to close ``round`` (checkpoint, report a final partial)."""
+        with self._tx() as db:
+            db.execute("DELETE FROM meta WHERE key = 'closing_round'")
+            db.execute(
+                "INSERT INTO meta (key, value) VALUES ('closing_round', ?)", (str(int(round)),)
+            )
+
+    def closing_round(self) -> int:
+        """The latest round whose close was requested (0: none)."""
+        row = self._db.execute("SELECT value FROM meta WHERE key = 'closing_round'").fetchone()
+        return int(row[0]) if row else 0
 
     def set_partial(self, round: int, digest: str) -> None:
         """Point the round (current, not committed) at a new partial-aggregate checkpoint,

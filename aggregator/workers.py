@@ -66,12 +66,14 @@ def open_worker_aggregator(store, rule: str, spec: UpdateSpec, digest: str | Non
 class IngestWorker:
     """Worker ``index`` of ``count``: serves every open round until stopped."""
 
-    def __init__(self, config: AggregatorConfig, index: int, count: int, *, progress=print, poll_s: float = 0.2):
+    def __init__(self, config: AggregatorConfig, index: int, count: int, *, progress=print, poll_s: float = 0.2,
+                 on_ready=None):
         if not 0 <= index < count:
             raise ValueError(f"worker index {index} out of range for {count} workers")
         self.cfg, self.index, self.count = config, index, count
         self.progress = progress or (lambda *_: None)
         self.poll_s = poll_s
+        self.on_ready = on_ready  # called once connected and subscribed
         self.state_dir = Path(config.state_dir)
         pc = load_party_config(config.party_config)
         self.party = pc
@@ -109,6 +111,8 @@ class IngestWorker:
             try:
                 self.endpoint.subscribe_up([c for c in self.party.directory.clients() if self.mine(c)])
                 self.endpoint.start()
+                if self.on_ready is not None:
+                    self.on_ready()
                 done: set[int] = set()
                 while not self._stop.is_set():
                     info = store.current_round()
@@ -155,12 +159,13 @@ class IngestWorker:
         event("worker_closed", round=r, worker=self.index, accepted=len(ingest.book.accepted))
 
 
-def _worker_main(config_dict: dict, index: int, count: int) -> None:
+def _worker_main(config_dict: dict, index: int, count: int, ready=None) -> None:
     import signal
 
     for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ[var] = "1"
-    worker = IngestWorker(AggregatorConfig(**config_dict), index, count, progress=None)
+    worker = IngestWorker(AggregatorConfig(**config_dict), index, count, progress=None,
+                          on_ready=None if ready is None else ready.set)
     signal.signal(signal.SIGTERM, lambda *_: worker.stop())
     signal.signal(signal.SIGINT, lambda *_: worker.stop())
     worker.run()
@@ -177,14 +182,24 @@ class LocalWorkers:
         self.config, self.count = asdict(config), count
         self._ctx = multiprocessing.get_context("spawn")
         self.procs: dict[int, multiprocessing.Process] = {}
+        self.ready: dict = {}
 
-    def start(self) -> None:
+    def start(self, timeout: float = 120.0) -> None:
+        """Start every worker and wait until each is connected and subscribed: an update sent
+        to an up topic nobody has subscribed yet would be dropped by the broker."""
         for k in range(self.count):
             self._start(k)
+        deadline = time.monotonic() + timeout
+        for k, ev in self.ready.items():
+            if not ev.wait(max(0.0, deadline - time.monotonic())):
+                raise RuntimeError(f"ingest worker {k} did not connect within {timeout}s "
+                                   f"(exit code {self.procs[k].exitcode})")
+        time.sleep(0.2)  # the subscriptions travel ahead of the first Task; a margin for the broker
 
     def _start(self, k: int) -> None:
-        p = self._ctx.Process(target=_worker_main, args=(self.config, k, self.count), name=f"cotune-ingest-{k}",
-                              daemon=True)
+        self.ready[k] = self._ctx.Event()
+        p = self._ctx.Process(target=_worker_main, args=(self.config, k, self.count, self.ready[k]),
+                              name=f"cotune-ingest-{k}", daemon=True)
         p.start()
         self.procs[k] = p
 

@@ -256,3 +256,31 @@ def test_sigterm_is_honoured_within_two_seconds_mid_round(fed, model, tmp_path):
     with StateStore(tmp_path / "agg" / "state.db") as store:
         assert store.current_round().status == "open"
         assert store.participant_statuses(1)["alice"] == "accepted"  # checkpointed on the way out
+
+
+@pytest.mark.slow
+def test_two_ingest_worker_processes_give_the_single_process_result(fed, model, tmp_path):
+    """Scale-out ingest end to end: two worker processes take the up topics of their shards,
+    fold their partials, the service merges them; the global is the hand-computed mean and
+    every client was acknowledged by the worker that holds its update."""
+    from aggregator.workers import shard_of
+
+    assert {shard_of(c, 2) for c in SHARDS} == {0, 1}, "the test needs both shards populated"
+    work = tmp_path / "clients"
+    clients, threads = _start_clients(fed, model, list(SHARDS), work)
+    cfg = _config(fed, model, tmp_path / "agg", ingest_workers=2, checkpoint_interval_s=0.5)
+    status = AggregatorService(cfg, progress=None).run()
+    for t in threads:
+        t.join(60)
+    assert status["rounds_committed"] == 2
+    with StateStore(tmp_path / "agg" / "state.db") as store:
+        for r in (1, 2):
+            info = store.load_round(r, with_partial=False)
+            assert info.accepted == sorted(SHARDS)
+            parts = store.worker_partials(r)
+            assert sorted(parts) == [0, 1] and all(final for _, final in parts.values())
+            expected = _weighted_mean([_sent_update(work, c, r) for c in SHARDS])
+            got = store.load_global(info.info.global_digest).tensors
+            for n in expected:
+                np.testing.assert_allclose(got[n], expected[n], rtol=1e-6, atol=1e-9)
+    assert not list((tmp_path / "agg" / "wal").rglob("*.wal"))  # logs retired at commit

@@ -408,14 +408,16 @@ def test_spilled_updates_go_with_the_committed_partial(state_backend, tmp_path: 
 def test_schema_version_1_is_migrated(state_backend) -> None:
     new_store(state_backend).close()
     state_backend.sql("DROP TABLE pruned")
+    state_backend.sql("DROP TABLE worker_partials")
     state_backend.sql("UPDATE meta SET value = '1' WHERE key = 'schema_version'")
     store = state_backend.open()
-    assert store.status()["schema_version"] == SCHEMA_VERSION == 2
-    assert [e.detail for e in store.events(kind="schema_migrated")] == ["1 -> 2"]
+    assert store.status()["schema_version"] == SCHEMA_VERSION == 3
+    assert [e.detail for e in store.events(kind="schema_migrated")] == ["1 -> 3"]
     assert store.prune(1) == [] and store.status()["retention"]["pruned_globals"] == 0
+    assert store.worker_partials(1) == {}
     store.close()
-    state_backend.sql("UPDATE meta SET value = '3' WHERE key = 'schema_version'")
-    with pytest.raises(SchemaVersionError, match="schema version 3"):
+    state_backend.sql("UPDATE meta SET value = '4' WHERE key = 'schema_version'")
+    with pytest.raises(SchemaVersionError, match="schema version 4"):
         state_backend.open()
 
 
