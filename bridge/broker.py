@@ -153,6 +153,7 @@ class MosquittoBroker:
             )
         _LIVE.add(self)
         self._wait_ready()
+        _write_pid_file(self.pid_path, self._proc.pid)
         log.info(
             "mosquitto pid %d listening on %s",
             self._proc.pid,
@@ -188,6 +189,7 @@ class MosquittoBroker:
         proc, self._proc = self._proc, None
         if proc is None:
             return None
+        _remove_pid_file(self.pid_path, proc.pid)
         if proc.poll() is None:
             proc.terminate()
             try:
@@ -200,6 +202,8 @@ class MosquittoBroker:
     def kill(self) -> None:
         """SIGKILL: a crash, for tests of reconnects and resumed transfers."""
         proc, self._proc = self._proc, None
+        if proc is not None:
+            _remove_pid_file(self.pid_path, proc.pid)
         if proc is not None and proc.poll() is None:
             proc.kill()
             proc.wait()
@@ -208,8 +212,16 @@ class MosquittoBroker:
         self.stop()
         return self.start()
 
+    @property
+    def pid_path(self) -> Path:
+        """``mosquitto.pid`` beside the config while this launcher's broker runs: how
+        :func:`reload_running_broker` (``cotune revoke``) finds it."""
+        return self.conf_path.with_name("mosquitto.pid")
+
     def reload(self) -> None:
-        """SIGHUP: Mosquitto re-reads the password file and ACL (e.g. after add_client)."""
+        """SIGHUP: Mosquitto 2.0 re-reads the password file, the ACL and the listeners' CRL
+        (``crlfile``; checked against 2.0.11 in tests/test_enroll.py), e.g. after add_client or
+        a revocation. Open connections stay open (the ACL applies to them at once)."""
         if not self.running:
             raise TransportError("mosquitto is not running")
         self._proc.send_signal(signal.SIGHUP)
@@ -243,6 +255,51 @@ class MosquittoBroker:
             f"mosquitto (pid {self.pid}) on {where} (TLS; client certificate required on the "
             f"first listener); config {self.conf_path}; log {self.log_path}"
         )
+
+
+def reload_running_broker(conf_path: str | os.PathLike) -> int | None:
+    """SIGHUP the Mosquitto that a :class:`MosquittoBroker` (``cotune broker``) started with
+    ``conf_path``, found through its pid file; the pid, or None when none runs (a broker
+    started otherwise, e.g. by systemd, needs ``systemctl reload mosquitto`` or ``kill -HUP``).
+    Where /proc exists, the pid must still be a mosquitto running this config."""
+    conf = Path(conf_path).resolve()
+    pid_path = conf.with_name("mosquitto.pid")
+    try:
+        pid = int(pid_path.read_text().strip())
+    except (FileNotFoundError, ValueError):
+        return None
+    cmdline = Path(f"/proc/{pid}/cmdline")
+    if Path("/proc/self").exists():
+        try:
+            args = cmdline.read_bytes().split(b"\0")
+        except OSError:
+            return None  # gone
+        if str(conf).encode() not in args:
+            return None  # the pid was reused by another process
+    try:
+        os.kill(pid, signal.SIGHUP)
+    except ProcessLookupError:
+        return None
+    except PermissionError as exc:
+        raise TransportError(
+            f"cannot signal mosquitto (pid {pid}): {exc}; run `kill -HUP {pid}` as its owner"
+        ) from exc
+    return pid
+
+
+def _write_pid_file(path: Path, pid: int) -> None:
+    try:
+        path.write_text(f"{pid}\n")
+    except OSError as exc:  # a read-only config directory: reloads must then be sent by hand
+        log.warning("cannot write %s: %s", path, exc)
+
+
+def _remove_pid_file(path: Path, pid: int) -> None:
+    try:
+        if path.read_text().strip() == str(pid):
+            path.unlink()
+    except (OSError, ValueError):
+        pass
 
 
 # ---------------------------------------------------------------------------------------------

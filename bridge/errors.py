@@ -56,6 +56,13 @@ class UnknownRecipient(BridgeError):
     code = "unknown_recipient"
 
 
+class Revoked(UnknownSender, UnknownRecipient):
+    """The party was enrolled once and has been revoked: its messages are refused and nothing
+    is sent to it. A subclass of both unknown-party errors, so handlers of those still apply."""
+
+    code = "revoked"
+
+
 class OversizedMessage(BridgeError):
     """A payload above the configured limit. Raised by senders before anything is published
     and by receivers before any decryption work is done."""

@@ -1,5 +1,6 @@
 """Party identities: an Ed25519 signing key and an X25519 key-agreement key per party, and the
-federation directory of everyone's public keys.
+directory of the public keys a party needs (a client: itself and the aggregator; the aggregator:
+every active client, read from the federation's registry, see :mod:`bridge.registry`).
 
 On disk both are small JSON files with raw keys in base64 (no PEM parsing on the hot path);
 private identity files are written with mode 0600.
@@ -23,7 +24,7 @@ from cryptography.hazmat.primitives.serialization import (
     PublicFormat,
 )
 
-from .errors import ProvisioningError, UnknownRecipient, UnknownSender
+from .errors import ProvisioningError, Revoked, UnknownRecipient, UnknownSender
 
 ROLES = ("aggregator", "client")
 
@@ -137,35 +138,61 @@ class Identity:
 
 
 class Directory:
-    """The federation's public-key directory: who may send, who may receive."""
+    """Public keys of the parties one party talks to: who may send, who may receive.
 
-    def __init__(self, federation: str, parties: Iterable[PublicIdentity]):
+    ``revoked`` names parties that were enrolled and then revoked: :meth:`sender` and
+    :meth:`recipient` raise :class:`~bridge.errors.Revoked` for them (an unknown id raises
+    UnknownSender / UnknownRecipient). A plain Directory is static; :meth:`refresh` is the hook
+    through which a registry-backed one (:class:`bridge.registry.RegistryDirectory`) picks up
+    enrollments and revocations. Lookups read one dict reference, which a refresh replaces
+    whole, so readers on other threads never see a half-applied change.
+    """
+
+    def __init__(self, federation: str, parties: Iterable[PublicIdentity], *,
+                 revoked: Iterable[str] = ()):
         self.federation = federation
-        self._parties: dict[str, PublicIdentity] = {}
+        table: dict[str, PublicIdentity] = {}
         for p in parties:
-            if p.party_id in self._parties:
+            if p.party_id in table:
                 raise ProvisioningError(f"duplicate party id {p.party_id!r} in directory")
-            self._parties[p.party_id] = p
+            table[p.party_id] = p
+        self._parties = table
+        self._revoked = frozenset(revoked)
+        self._aggregators = [p.party_id for p in table.values() if p.role == "aggregator"]
 
     def __contains__(self, party_id: str) -> bool:
         return party_id in self._parties
 
     def __iter__(self):
-        return iter(self._parties.values())
+        return iter(list(self._parties.values()))
 
     def __len__(self) -> int:
         return len(self._parties)
+
+    def refresh(self) -> bool:
+        """Pick up changes from the directory's source; True when something changed. A static
+        directory has no source and never changes."""
+        return False
+
+    def is_revoked(self, party_id: str) -> bool:
+        return party_id in self._revoked
 
     def sender(self, party_id: str) -> PublicIdentity:
         try:
             return self._parties[party_id]
         except KeyError:
+            if party_id in self._revoked:
+                raise Revoked(f"sender {party_id!r} has been revoked from federation "
+                              f"{self.federation!r}") from None
             raise UnknownSender(f"sender {party_id!r} is not in federation {self.federation!r}") from None
 
     def recipient(self, party_id: str) -> PublicIdentity:
         try:
             return self._parties[party_id]
         except KeyError:
+            if party_id in self._revoked:
+                raise Revoked(f"recipient {party_id!r} has been revoked from federation "
+                              f"{self.federation!r}") from None
             raise UnknownRecipient(
                 f"recipient {party_id!r} is not in federation {self.federation!r}"
             ) from None
@@ -174,13 +201,13 @@ class Directory:
         return sorted(p.party_id for p in self._parties.values() if p.role == "client")
 
     def aggregator(self) -> str:
-        aggs = [p.party_id for p in self._parties.values() if p.role == "aggregator"]
+        aggs = self._aggregators  # kept at construction: this is on the send path
         if len(aggs) != 1:
             raise ProvisioningError(f"federation {self.federation!r} must have exactly one aggregator, has {aggs}")
         return aggs[0]
 
     def with_party(self, party: PublicIdentity) -> Directory:
-        return Directory(self.federation, [*self._parties.values(), party])
+        return Directory(self.federation, [*self._parties.values(), party], revoked=self._revoked)
 
     def to_json(self) -> dict:
         return {"federation": self.federation,

@@ -1,19 +1,37 @@
-"""Provisioning of one federation: a private CA, the broker's TLS/mTLS configuration, its ACL and
-password file, and one self-contained directory per party.
+"""Provisioning of one federation: a private CA, the broker's TLS/mTLS configuration (with a
+certificate revocation list), its ACL and password file, the client registry, and one directory
+per party that holds what that party needs and nothing of anyone else's.
 
-Layout written by :func:`provision` (DIR is the federation directory)::
+Layout (DIR is the federation directory)::
 
-    DIR/federation.json                 public: broker address, packet limit, key directory
-    DIR/ca/ca.crt  DIR/ca/ca.key        the federation CA (key 0600, needed only to add parties)
+    DIR/federation.json        public: broker address, packet limit, the aggregator's public
+                               identity and certificate, the registry's file name
+    DIR/registry.db            every party's certified public keys and status (bridge.registry)
+    DIR/ca/ca.crt ca.key       the federation CA (key 0600: needed to enroll, add and revoke)
+    DIR/ca/ca.crl              revoked certificates, read by the broker (``crlfile``)
+    DIR/ca/enroll.db           one-time enrollment tokens, hashed (bridge.enroll; 0600)
     DIR/broker/server.crt server.key    broker certificate (SAN: host, localhost, loopbacks, extras)
     DIR/broker/mosquitto.conf acl passwd
-    DIR/broker/data/                    Mosquitto persistence
-    DIR/parties/<id>/                   everything one party needs, and nothing of anyone else's:
-        config.json identity.json client.crt client.key ca.crt federation.json
+    DIR/broker/data/           Mosquitto persistence
+    DIR/parties/<id>/          config.json identity.json client.crt client.key ca.crt federation.json
 
-A party directory is self-contained (its config refers to its files by relative paths), so it can
-be copied to a device as is; ``DIR/federation.json`` stays the source of truth and
-:func:`add_client` refreshes every party's copy.
+Everything is O(1) per party: a client's ``federation.json`` names the aggregator only (its keys
+and its certificate, which the client checks against ``ca.crt``), the same few KB for every
+client; the aggregator's names the registry, from which it reads every active client
+(:class:`bridge.registry.RegistryDirectory`, which follows enrollments and revocations while it
+runs). The ACL grants by pattern (``%u`` = party id) and lists only the aggregator and revoked
+parties, so adding a party rewrites no file that grows with the fleet.
+
+Who makes the keys: :func:`provision` and :func:`add_client` generate the listed parties' keys
+centrally, a convenience for labs, tests and demos (whoever runs it holds every private key).
+In production, provision with no clients (or just the ones the operator runs) and let each device
+enroll (:mod:`bridge.enroll`): the device makes its keys, the CA signs a CSR, and no private key
+leaves the device.
+
+A client's directory is self-contained (its config refers to its files by relative paths), so it
+can be copied to a device as is. The aggregator's refers to ``../../registry.db``; to run the
+aggregator on another machine, set ``registry`` in its ``federation.json`` to where the registry
+is (absolute paths are allowed).
 
 Transport security is one hop (party <-> broker); the envelope protects end to end. The broker
 identifies a party by its certificate CN (``use_identity_as_username``), so the ACL's ``%u`` is the
@@ -23,7 +41,6 @@ party id and cannot be spoofed by choosing an MQTT username or client id.
 from __future__ import annotations
 
 import base64
-import datetime as dt
 import grp
 import hashlib
 import ipaddress
@@ -37,12 +54,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from cryptography.hazmat.primitives import serialization
 
+from .ca import certified_identity, common_name, envelope_keys, issue, load_ca, make_ca, make_crl
 from .errors import ProvisioningError
-from .keys import Directory, Identity, read_json, validate_party_id, write_json
+from .keys import Directory, Identity, PublicIdentity, read_json, validate_party_id, write_json
+from .registry import Registry, RegistryDirectory
 from .topics import Topics
 
 #: Bytes Mosquitto's ``max_packet_size`` allows above ``max_packet_bytes`` (the largest payload a
@@ -140,6 +157,18 @@ class FederationPaths:
         return self.broker_dir / "mosquitto.log"
 
     @property
+    def crl(self) -> Path:
+        return self.ca_dir / "ca.crl"
+
+    @property
+    def enroll_db(self) -> Path:
+        return self.ca_dir / "enroll.db"
+
+    @property
+    def registry(self) -> Path:
+        return self.root / "registry.db"
+
+    @property
     def parties_dir(self) -> Path:
         return self.root / "parties"
 
@@ -151,6 +180,7 @@ class FederationPaths:
         return self.party_dir(party_id) / "config.json"
 
     def directory(self) -> Directory:
+        """Every active party, from the registry (kept current; see RegistryDirectory)."""
         return _load_federation_directory(self.federation_json)
 
     @property
@@ -164,6 +194,7 @@ class FederationPaths:
             self.acl,
             self.passwd,
             self.ca_cert,
+            self.crl,
             self.server_cert,
             self.server_key,
             self.data_dir,
@@ -210,7 +241,9 @@ class PartyConfig:
 
 def load_party_config(path: str | os.PathLike) -> PartyConfig:
     """Read ``parties/<id>/config.json`` (or the party directory holding it) and check that the
-    identity, directory and TLS files it names exist and agree with each other."""
+    identity, directory and TLS files it names exist and agree with each other: the identity
+    is the one the party's certificate certifies, and (for a client) the aggregator's keys are
+    the ones the aggregator's certificate certifies under ``ca.crt``."""
     path = Path(path)
     if path.is_dir():
         path = path / "config.json"
@@ -253,7 +286,7 @@ def load_party_config(path: str | os.PathLike) -> PartyConfig:
         key = existing(need(tls, "key", "broker.tls."), "client key")
     identity = Identity.load(existing(need(data, "identity"), "identity"))
     fed_file = existing(need(data, "federation_file"), "federation")
-    directory = _load_federation_directory(fed_file)
+    fed_doc = read_json(fed_file)
 
     # Cross-checks: a config mixed up from two parties or two federations must not load.
     if identity.party_id != party_id or identity.role != role:
@@ -261,21 +294,50 @@ def load_party_config(path: str | os.PathLike) -> PartyConfig:
             f"{path}: identity file is for {identity.party_id!r} "
             f"({identity.role}), config is for {party_id!r} ({role})"
         )
+    if fed_doc.get("federation") != federation:
+        raise ProvisioningError(
+            f"{path}: federation file is for {fed_doc.get('federation')!r}, config is for "
+            f"{federation!r}"
+        )
+    ca_cert = _load_cert(ca) if ca is not None else None
+    if cert is not None:
+        mine = _load_cert(cert)
+        if common_name(mine) != party_id:
+            raise ProvisioningError(
+                f"{path}: client certificate is for {common_name(mine)!r}, not {party_id!r}"
+            )
+        bound = envelope_keys(mine, party_id)
+        if bound is not None and bound != identity.public:
+            raise ProvisioningError(
+                f"{path}: the certificate certifies other envelope keys than identity.json "
+                "holds; the party was re-provisioned or re-enrolled elsewhere"
+            )
+    directory = _load_federation_directory(fed_file, fed_doc)
     if directory.federation != federation:
         raise ProvisioningError(
             f"{path}: federation file is for {directory.federation!r}, config is for {federation!r}"
         )
-    if party_id not in directory:
+    if party_id in directory:
+        if directory.recipient(party_id) != identity.public:
+            raise ProvisioningError(
+                f"{path}: the directory's public keys for {party_id!r} do not "
+                "match this identity; the party was re-provisioned elsewhere"
+            )
+    elif role == "client" and not isinstance(directory, RegistryDirectory):
+        directory = directory.with_party(identity.public)  # a client knows itself + aggregator
+    else:
         raise ProvisioningError(
             f"{path}: party {party_id!r} is not in the federation directory; "
             "copy the current federation.json from the operator"
         )
-    if directory.recipient(party_id) != identity.public:
-        raise ProvisioningError(
-            f"{path}: the directory's public keys for {party_id!r} do not "
-            "match this identity; the party was re-provisioned elsewhere"
-        )
-    directory.aggregator()  # exactly one, or ProvisioningError
+    agg_id = directory.aggregator()  # exactly one, or ProvisioningError
+    agg_pem = fed_doc.get("aggregator_cert")
+    if agg_pem and ca_cert is not None and agg_id != party_id:
+        certified = certified_identity(_parse_cert(agg_pem.encode()), ca_cert, agg_id)
+        if certified != directory.recipient(agg_id):
+            raise ProvisioningError(
+                f"{fed_file}: the aggregator's keys are not the ones its certificate certifies"
+            )
     return PartyConfig(
         path=path,
         federation=federation,
@@ -295,11 +357,29 @@ def load_party_config(path: str | os.PathLike) -> PartyConfig:
     )
 
 
-def _load_federation_directory(path: Path) -> Directory:
-    data = read_json(path)
+def _load_federation_directory(path: Path, doc: dict | None = None) -> Directory:
+    """The directory a federation file describes: the registry's (every active party, kept
+    current) when it names one, else the static ``directory`` it holds."""
+    data = read_json(path) if doc is None else doc
+    if data.get("registry"):
+        return Registry(path.parent / data["registry"]).directory()
     if "directory" not in data:
         raise ProvisioningError(f"{path}: no 'directory' in federation file")
-    return Directory.from_json(data["directory"])
+    directory = Directory.from_json(data["directory"])
+    if directory.federation != data.get("federation", directory.federation):
+        raise ProvisioningError(f"{path}: directory is for another federation")
+    return directory
+
+
+def _load_cert(path: Path) -> x509.Certificate:
+    return _parse_cert(path.read_bytes(), path)
+
+
+def _parse_cert(pem: bytes, where: object = "certificate") -> x509.Certificate:
+    try:
+        return x509.load_pem_x509_certificate(pem)
+    except ValueError as exc:
+        raise ProvisioningError(f"{where}: not a PEM certificate ({exc})") from exc
 
 
 # ---------------------------------------------------------------------------------------------
@@ -334,6 +414,10 @@ def provision(
     and, unless ``check_access`` is false, every parent directory is checked to be traversable by
     it (ProvisioningError naming the directory to chmod). Pass ``check_access=False`` when this
     federation will never be served by a root-started Mosquitto (e.g. the embedded-broker demo).
+
+    ``clients`` get centrally generated keys (see the module docstring); pass none and enroll
+    devices with :mod:`bridge.enroll` so that device keys stay on the devices. Time and disk are
+    O(parties): no file holds more than one party's keys except the registry.
     """
     validate_party_id(federation)
     clients = list(clients)
@@ -341,8 +425,11 @@ def provision(
     for pid in parties:
         validate_party_id(pid)
     if len(set(parties)) != len(parties):
+        seen: set[str] = set()
+        dups = sorted({p for p in parties if p in seen or seen.add(p)})
         raise ProvisioningError(
-            f"party ids must be unique (the aggregator is {aggregator_id!r}), got {parties}"
+            f"party ids must be unique (the aggregator is {aggregator_id!r}); repeated: "
+            f"{', '.join(dups[:5])}"
         )
     for p in (port, password_port):
         if p is not None and not 0 < int(p) < 65536:
@@ -366,33 +453,65 @@ def provision(
         os.chmod(d, 0o755)  # mkdir's mode is filtered by the umask
     paths.data_dir.mkdir(mode=0o700, exist_ok=True)
 
-    ca_key, ca_cert = _make_ca(federation, cert_days)
+    ca_key, ca_cert = make_ca(federation, cert_days)
     _write_key(paths.ca_key, ca_key)
     _write_cert(paths.ca_cert, ca_cert)
+    _write_bytes(paths.crl, make_crl(ca_key, ca_cert, []), _FILE_MODE)
     sans = _dedupe([host, "localhost", "127.0.0.1", "::1", *extra_hosts])
-    srv_key, srv_cert = _issue(
+    srv_key, srv_cert = issue(
         ca_key, ca_cert, host, federation, sans=sans, server=True, days=cert_days
     )
     _write_key(paths.server_key, srv_key)
     _write_cert(paths.server_cert, srv_cert)
+    registry = Registry.create(paths.registry, federation)
 
-    identities = [Identity.generate(aggregator_id, "aggregator")]
-    identities += [Identity.generate(c, "client") for c in clients]
-    directory = Directory(federation, [i.public for i in identities])
-    fed_doc = _federation_doc(paths, max_packet_bytes, directory)
+    agg = Identity.generate(aggregator_id, "aggregator")
+    agg_key, agg_cert = issue(
+        ca_key,
+        ca_cert,
+        aggregator_id,
+        federation,
+        sans=(),
+        server=False,
+        days=cert_days,
+        identity=agg.public,
+    )
+    fed_doc = _federation_doc(paths, max_packet_bytes, agg.public, agg_cert)
+    ca_pem = paths.ca_cert.read_bytes()
+    registered: list[tuple[PublicIdentity, x509.Certificate]] = [(agg.public, agg_cert)]
     passwd_lines = []
-    for ident in identities:
+
+    def add(ident: Identity, key, cert: x509.Certificate) -> None:
         password = secrets.token_urlsafe(24)
-        _write_party(paths, ident, ca_key, ca_cert, fed_doc, password, cert_days)
+        doc = _party_federation_doc(paths, fed_doc, ident.role)
+        _write_party(paths, ident, key, cert, ca_pem, doc, password)
         passwd_lines.append(f"{ident.party_id}:{mosquitto_password_hash(password)}")
+
+    add(agg, agg_key, agg_cert)
+    for client_id in clients:
+        ident = Identity.generate(client_id, "client")
+        key, cert = issue(
+            ca_key,
+            ca_cert,
+            client_id,
+            federation,
+            sans=(),
+            server=False,
+            days=cert_days,
+            identity=ident.public,
+        )
+        add(ident, key, cert)
+        registered.append((ident.public, cert))
+    with registry:
+        registry.add(registered)
 
     if bind_host is None:
         bind_host = host if host == "localhost" or _is_ip(host) else ""
     conf = mosquitto_conf(paths, max_packet_bytes, bind_host)
     _write_text(paths.mosquitto_conf, conf, _FILE_MODE)
-    _write_text(paths.acl, acl_text(federation, aggregator_id, clients), _FILE_MODE)
+    _write_text(paths.acl, acl_text(federation, aggregator_id), _FILE_MODE)
     _write_text(paths.passwd, "\n".join(passwd_lines) + "\n", _SECRET_MODE)
-    write_json(paths.federation_json, fed_doc)
+    write_json(paths.federation_json, fed_doc)  # last: it declares the federation provisioned
     _give_broker_files(paths, broker_user, check_access)
     return paths
 
@@ -400,56 +519,69 @@ def provision(
 def add_client(
     fed_dir: str | os.PathLike, client_id: str, *, check_access: bool = True
 ) -> FederationPaths:
-    """Provision one more client into an existing federation: new identity and certificate, then
-    the password file, ACL and every copy of federation.json are rewritten (each atomically).
+    """Provision one more client with centrally generated keys (labs and tests; devices enroll
+    with :mod:`bridge.enroll` instead): identity, certificate, party directory, registry row and
+    a password-file line. O(1) apart from the password file: the ACL grants by pattern and no
+    other party's files change.
 
     A running Mosquitto accepts the new client's certificate at once (same CA) but reads the
-    password file and ACL again only on SIGHUP (:meth:`bridge.broker.MosquittoBroker.reload`).
+    password file again only on SIGHUP (:meth:`bridge.broker.MosquittoBroker.reload`). A running
+    aggregator sees the client within a second (:class:`bridge.registry.RegistryDirectory`).
     """
     paths = FederationPaths.open(fed_dir)
     validate_party_id(client_id)
     fed_doc = read_json(paths.federation_json)
-    directory = _load_federation_directory(paths.federation_json)
-    if client_id in directory:
-        raise ProvisioningError(
-            f"party {client_id!r} already exists in federation "
-            f"{paths.federation!r}; pick another id"
+    with _open_registry(paths) as registry:
+        if registry.get(client_id) is not None:
+            raise ProvisioningError(
+                f"party {client_id!r} already exists in federation "
+                f"{paths.federation!r}; pick another id"
+            )
+        ca_key, ca_cert = load_ca(paths.ca_key, paths.ca_cert)
+        ident = Identity.generate(client_id, "client")
+        key, cert = issue(
+            ca_key,
+            ca_cert,
+            client_id,
+            paths.federation,
+            sans=(),
+            server=False,
+            days=_days_left(ca_cert),
+            identity=ident.public,
         )
-    if not paths.ca_key.is_file():
-        raise ProvisioningError(
-            f"{paths.ca_key} is missing: adding a party needs the CA key "
-            "(run add_client on the machine that provisioned the federation)"
-        )
-    ca_key = serialization.load_pem_private_key(paths.ca_key.read_bytes(), password=None)
-    ca_cert = x509.load_pem_x509_certificate(paths.ca_cert.read_bytes())
-
-    ident = Identity.generate(client_id, "client")
-    directory = directory.with_party(ident.public)
-    fed_doc = {**fed_doc, "directory": directory.to_json()}
-    password = secrets.token_urlsafe(24)
-    # A leftover directory of an earlier, interrupted add_client is not in the federation: reuse.
-    shutil.rmtree(paths.party_dir(client_id), ignore_errors=True)
-    _write_party(paths, ident, ca_key, ca_cert, fed_doc, password, _days_left(ca_cert))
-
-    lines = [ln for ln in _read_lines(paths.passwd) if not ln.startswith(f"{client_id}:")]
-    lines.append(f"{client_id}:{mosquitto_password_hash(password)}")
-    _write_text(paths.passwd, "\n".join(lines) + "\n", _SECRET_MODE)
-    _write_text(
-        paths.acl,
-        acl_text(paths.federation, directory.aggregator(), directory.clients()),
-        _FILE_MODE,
-    )
-    # The root federation.json last: it is what declares the party provisioned.
-    for pid in directory.clients() + [directory.aggregator()]:
-        pdir = paths.party_dir(pid)
-        if pdir.is_dir():
-            write_json(pdir / "federation.json", fed_doc)
-    write_json(paths.federation_json, fed_doc)
+        password = secrets.token_urlsafe(24)
+        # A leftover directory of an earlier, interrupted add_client is not registered: reuse.
+        shutil.rmtree(paths.party_dir(client_id), ignore_errors=True)
+        doc = _party_federation_doc(paths, fed_doc, "client")
+        _write_party(paths, ident, key, cert, paths.ca_cert.read_bytes(), doc, password)
+        set_password(paths, client_id, password)
+        registry.add([(ident.public, cert)])  # last: it declares the party
     _give_broker_files(paths, _broker_user(), check_access)
     return paths
 
 
-def _federation_doc(paths: FederationPaths, max_packet_bytes: int, directory: Directory) -> dict:
+def set_password(paths: FederationPaths, party_id: str, password: str | None) -> None:
+    """Set (or with None remove) a party's line of the broker's password file."""
+    lines = [ln for ln in _read_lines(paths.passwd) if not ln.startswith(f"{party_id}:")]
+    if password is not None:
+        lines.append(f"{party_id}:{mosquitto_password_hash(password)}")
+    _write_text(paths.passwd, "".join(ln + "\n" for ln in lines), _SECRET_MODE)
+
+
+def _open_registry(paths: FederationPaths) -> Registry:
+    if not paths.registry.is_file():
+        raise ProvisioningError(
+            f"{paths.registry} is missing: this federation was provisioned by an older cotune "
+            "(one directory copy per party); re-provision it"
+        )
+    return Registry(paths.registry)
+
+
+def _federation_doc(
+    paths: FederationPaths, max_packet_bytes: int, aggregator: PublicIdentity, agg_cert
+) -> dict:
+    """DIR/federation.json: the public facts every party shares, the aggregator's public
+    identity and certificate, and where the registry is."""
     return {
         "federation": paths.federation,
         "broker": {
@@ -459,43 +591,34 @@ def _federation_doc(paths: FederationPaths, max_packet_bytes: int, directory: Di
             "password_port": paths.password_port,
         },
         "max_packet_bytes": int(max_packet_bytes),
-        "directory": directory.to_json(),
+        "directory": Directory(paths.federation, [aggregator]).to_json(),
+        "aggregator_cert": agg_cert.public_bytes(serialization.Encoding.PEM).decode("ascii"),
+        "registry": paths.registry.name,
     }
 
 
-def _write_party(
-    paths: FederationPaths,
-    ident: Identity,
-    ca_key,
-    ca_cert,
-    fed_doc: dict,
-    password: str,
-    days: int,
-) -> None:
-    """Write one party's directory. Built beside its final place and renamed, so a party
-    directory is either complete or absent."""
-    final = paths.party_dir(ident.party_id)
-    tmp = final.with_name(f".{ident.party_id}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(mode=0o700)
-    os.chmod(tmp, 0o700)
-    key, cert = _issue(
-        ca_key, ca_cert, ident.party_id, paths.federation, sans=(), server=False, days=days
-    )
-    ident.save(tmp / "identity.json")
-    _write_key(tmp / "client.key", key)
-    _write_cert(tmp / "client.crt", cert)
-    shutil.copyfile(paths.ca_cert, tmp / "ca.crt")
-    os.chmod(tmp / "ca.crt", _FILE_MODE)
-    write_json(tmp / "federation.json", fed_doc)
-    config = {
-        "federation": paths.federation,
-        "party_id": ident.party_id,
-        "role": ident.role,
+def _party_federation_doc(paths: FederationPaths, fed_doc: dict, role: str) -> dict:
+    """A party's copy of federation.json: a client's names the aggregator only; the
+    aggregator's names the registry (relative to the party directory)."""
+    doc = {k: v for k, v in fed_doc.items() if k != "registry"}
+    if role == "aggregator":
+        doc["registry"] = os.path.relpath(paths.registry, paths.parties_dir / "x")
+    return doc
+
+
+def party_config_doc(
+    federation: str, party_id: str, role: str, fed_doc: dict, password: str | None
+) -> dict:
+    """A party's config.json (paths relative to the party directory)."""
+    broker = fed_doc["broker"]
+    return {
+        "federation": federation,
+        "party_id": party_id,
+        "role": role,
         "broker": {
-            "host": paths.host,
-            "port": paths.port,
-            "password_port": paths.password_port,
+            "host": broker["host"],
+            "port": broker["port"],
+            "password_port": broker.get("password_port"),
             "tls": {"ca": "ca.crt", "cert": "client.crt", "key": "client.key"},
         },
         "identity": "identity.json",
@@ -504,6 +627,30 @@ def _write_party(
         # for the password listener, where a device cannot present a client certificate
         "password": password,
     }
+
+
+def _write_party(
+    paths: FederationPaths,
+    ident: Identity,
+    key,
+    cert: x509.Certificate,
+    ca_pem: bytes,
+    fed_doc: dict,
+    password: str | None,
+) -> None:
+    """Write one party's directory. Built beside its final place and renamed, so a party
+    directory is either complete or absent (hence plain writes inside it)."""
+    final = paths.party_dir(ident.party_id)
+    tmp = final.with_name(f".{ident.party_id}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(mode=0o700)
+    os.chmod(tmp, 0o700)
+    ident.save(tmp / "identity.json")
+    _create(tmp / "client.key", _key_pem(key), _SECRET_MODE)
+    _create(tmp / "client.crt", cert.public_bytes(serialization.Encoding.PEM), _FILE_MODE)
+    _create(tmp / "ca.crt", ca_pem, _FILE_MODE)
+    write_json(tmp / "federation.json", fed_doc)
+    config = party_config_doc(paths.federation, ident.party_id, ident.role, fed_doc, password)
     write_json(tmp / "config.json", config, mode=_SECRET_MODE)
     os.replace(tmp, final)
 
@@ -518,7 +665,15 @@ def _prepare_out_dir(root: Path, force: bool) -> None:
                 "it with add_client, or pass force=True (--force) to replace it, which discards "
                 "its CA, broker files and every party identity"
             )
-        ours = {"federation.json", "federation.json.tmp", "ca", "broker", "parties"}
+        ours = {
+            "federation.json",
+            "federation.json.tmp",
+            "registry.db",
+            "registry.db-journal",
+            "ca",
+            "broker",
+            "parties",
+        }
         foreign = sorted(p.name for p in root.iterdir() if p.name not in ours)
         # A half-written federation (no federation.json yet) may be replaced; anything else that
         # holds files we did not write is not ours to delete.
@@ -548,11 +703,12 @@ def mosquitto_conf(paths: FederationPaths, max_packet_bytes: int, bind_host: str
         f"cafile {paths.ca_cert}",
         f"certfile {paths.server_cert}",
         f"keyfile {paths.server_key}",
+        f"crlfile {paths.crl}",
         "tls_version tlsv1.2",
     ]
     lines = [
         f"# cotune federation {paths.federation!r}: generated by bridge.provision, do not edit",
-        "# (re-provision or use add_client instead).",
+        "# (re-provision, or use add_client / enroll / revoke).",
         "",
         "# One set of auth settings (acl_file, password_file, allow_anonymous) for all listeners.",
         "per_listener_settings false",
@@ -597,15 +753,21 @@ def mosquitto_conf(paths: FederationPaths, max_packet_bytes: int, bind_host: str
     return "\n".join(lines) + "\n"
 
 
-def acl_text(federation: str, aggregator_id: str, clients: Iterable[str]) -> str:
-    """Mosquitto ACL for DESIGN.md's topic layout (usernames are party ids).
+def acl_text(federation: str, aggregator_id: str, revoked: Iterable[str] = ()) -> str:
+    """Mosquitto ACL for DESIGN.md's topic layout (usernames are party ids). Its size does not
+    grow with the fleet: parties are granted by pattern; only revoked parties are listed.
 
-    What Mosquitto 2.0 does with it (checked against 2.0.11 in tests/test_broker.py):
-    SUBSCRIBE is not ACL-checked by the default ACL (a client may subscribe to anything, even
-    ``cotune/F/#``); every message is checked against the subscriber's *read* access to its
-    topic at delivery time, so nothing leaks. Shared subscriptions ``$share/<group>/cotune/F/up/+``
-    therefore need no ACL line of their own: the aggregator's ``cotune/F/#`` covers the topics
-    delivered. A denied PUBLISH is dropped silently (an MQTT 5 publisher gets PUBACK 0x87).
+    What Mosquitto 2.0 does with it (checked against 2.0.11 in tests/test_broker.py and
+    tests/test_enroll.py): SUBSCRIBE is not ACL-checked by the default ACL (a client may
+    subscribe to anything, even ``cotune/F/#``); every message is checked against the
+    subscriber's *read* access to its topic at delivery time, so nothing leaks. Shared
+    subscriptions ``$share/<group>/cotune/F/up/+`` therefore need no ACL line of their own: the
+    aggregator's ``cotune/F/#`` covers the topics delivered. A denied PUBLISH is dropped silently
+    (an MQTT 5 publisher gets PUBACK 0x87). A user's ``topic deny`` is checked before any
+    pattern, so a revoked party that is still connected loses every topic once the broker
+    re-reads the ACL (SIGHUP). ``pattern read`` of the broadcast topic applies to every user
+    the broker lets in: holders of a certificate of the federation CA (parties) and password-file
+    users (parties).
     """
     t = Topics(federation)
     lines = [
@@ -615,16 +777,18 @@ def acl_text(federation: str, aggregator_id: str, clients: Iterable[str]) -> str
         f"user {aggregator_id}",
         f"topic readwrite {t.root}/#",
         "",
-        "# the broadcast topic, per client (a 'pattern' without %u would apply to any user)",
+        "# revoked parties: a user's deny is checked before any pattern",
     ]
-    for client in sorted(clients):
-        lines += [f"user {client}", f"topic read {t.bcast}"]
+    for party in sorted(set(revoked)):
+        lines += [f"user {party}", f"topic deny {t.root}/#"]
     lines += [
         "",
-        "# every party: write its own up and status topics, read its own down topic",
+        "# every party: read the broadcast topic and its own down topic, write its own up and",
+        "# status topics",
+        f"pattern read {t.bcast}",
+        f"pattern read {t.down('%u')}",
         f"pattern write {t.up('%u')}",
         f"pattern write {t.status('%u')}",
-        f"pattern read {t.down('%u')}",
         "",
     ]
     return "\n".join(lines)
@@ -733,102 +897,7 @@ def _give_broker_files(
 
 
 # ---------------------------------------------------------------------------------------------
-# Certificates
-
-
-def _make_ca(federation: str, days: int) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name(
-        [
-            x509.NameAttribute(NameOID.ORGANIZATION_NAME, "cotune"),
-            x509.NameAttribute(NameOID.COMMON_NAME, f"cotune {federation} CA"),
-        ]
-    )
-    now = _now()
-    ski = x509.SubjectKeyIdentifier.from_public_key(key.public_key())
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(minutes=5))  # tolerate small clock skew
-        .not_valid_after(now + dt.timedelta(days=days))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=False,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=True,
-                crl_sign=True,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
-        .add_extension(ski, critical=False)
-        .sign(key, hashes.SHA256())
-    )
-    return key, cert
-
-
-def _issue(
-    ca_key,
-    ca_cert: x509.Certificate,
-    cn: str,
-    federation: str,
-    *,
-    sans: Iterable[str],
-    server: bool,
-    days: int,
-) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
-    key = ec.generate_private_key(ec.SECP256R1())
-    now = _now()
-    not_after = min(now + dt.timedelta(days=days), ca_cert.not_valid_after_utc)
-    subject = x509.Name(
-        [
-            x509.NameAttribute(NameOID.ORGANIZATION_NAME, "cotune"),
-            x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, federation),
-            x509.NameAttribute(NameOID.COMMON_NAME, cn),
-        ]
-    )
-    usage = ExtendedKeyUsageOID.SERVER_AUTH if server else ExtendedKeyUsageOID.CLIENT_AUTH
-    builder = (
-        x509.CertificateBuilder()
-        .subject_name(subject)
-        .issuer_name(ca_cert.subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(minutes=5))
-        .not_valid_after(not_after)
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=True,
-                key_cert_sign=False,
-                crl_sign=False,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
-        .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
-        .add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False
-        )
-    )
-    names = [_general_name(s) for s in sans]
-    if names:
-        builder = builder.add_extension(x509.SubjectAlternativeName(names), critical=False)
-    return key, builder.sign(ca_key, hashes.SHA256())
+# Small helpers
 
 
 def _is_ip(value: str) -> bool:
@@ -839,23 +908,14 @@ def _is_ip(value: str) -> bool:
         return False
 
 
-def _general_name(value: str) -> x509.GeneralName:
-    try:
-        return x509.IPAddress(ipaddress.ip_address(value))
-    except ValueError:
-        return x509.DNSName(value)
-
-
 def _days_left(cert: x509.Certificate) -> int:
-    return max(1, (cert.not_valid_after_utc - _now()).days)
+    return max(1, (cert.not_valid_after_utc - _utcnow()).days)
 
 
-def _now() -> dt.datetime:
-    return dt.datetime.now(dt.timezone.utc)
+def _utcnow():
+    from .ca import now_utc
 
-
-# ---------------------------------------------------------------------------------------------
-# Small file helpers
+    return now_utc()
 
 
 def _write_bytes(path: Path, data: bytes, mode: int) -> None:
@@ -868,15 +928,26 @@ def _write_bytes(path: Path, data: bytes, mode: int) -> None:
     os.replace(tmp, path)
 
 
+def _create(path: Path, data: bytes, mode: int) -> None:
+    """Plain write of a new file (inside a directory that is renamed into place when done)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(data)
+    os.chmod(path, mode)
+
+
 def _write_text(path: Path, text: str, mode: int) -> None:
     _write_bytes(path, text.encode("utf-8"), mode)
 
 
-def _write_key(path: Path, key) -> None:
-    pem = key.private_bytes(
+def _key_pem(key) -> bytes:
+    return key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
     )
-    _write_bytes(path, pem, _SECRET_MODE)
+
+
+def _write_key(path: Path, key) -> None:
+    _write_bytes(path, _key_pem(key), _SECRET_MODE)
 
 
 def _write_cert(path: Path, cert: x509.Certificate) -> None:

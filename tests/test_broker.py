@@ -33,11 +33,10 @@ from bridge.broker import (
     port_open,
     start_broker,
 )
+from bridge.ca import issue, make_ca
 from bridge.errors import TransportError
 from bridge.provision import (
     FederationPaths,
-    _issue,
-    _make_ca,
     add_client,
     load_party_config,
 )
@@ -246,8 +245,8 @@ def test_connection_without_valid_certificate_is_refused(federation, mosquitto, 
     assert not peers(federation.port).tls(federation).connect()  # no client certificate
 
     # a certificate with CN "aggregator" from some other CA
-    rogue_key, rogue_ca = _make_ca("rogue", 1)
-    key, cert = _issue(rogue_key, rogue_ca, "aggregator", "testfed", sans=(), server=False, days=1)
+    rogue_key, rogue_ca = make_ca("rogue", 1)
+    key, cert = issue(rogue_key, rogue_ca, "aggregator", "testfed", sans=(), server=False, days=1)
     (tmp_path / "c.crt").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
     (tmp_path / "c.key").write_bytes(
         key.private_bytes(

@@ -24,7 +24,10 @@ def test_provision_then_refuse_to_overwrite(tmp_path):
     out = cotune("provision", "--out", str(tmp_path / "fed"), "--federation", "clitest", "--clients", "d1,d2")
     assert out.returncode == 0, out.stderr
     doc = json.loads((tmp_path / "fed" / "federation.json").read_text())
-    assert set(doc["directory"]["parties"]) == {"aggregator", "d1", "d2"}
+    assert set(doc["directory"]["parties"]) == {"aggregator"}  # clients are in the registry
+    from bridge.provision import FederationPaths
+
+    assert {p.party_id for p in FederationPaths.open(tmp_path / "fed").directory()} == {"aggregator", "d1", "d2"}
     again = cotune("provision", "--out", str(tmp_path / "fed"), "--federation", "clitest", "--clients", "d1")
     assert again.returncode == 2 and "ProvisioningError" in again.stderr
 

@@ -16,6 +16,7 @@ import pytest
 from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from bridge.ca import certified_identity
 from bridge.errors import ProvisioningError
 from bridge.keys import read_json
 from bridge.provision import (
@@ -61,12 +62,15 @@ def test_layout_and_permissions(federation: FederationPaths):
         fed.mosquitto_conf,
         fed.acl,
         fed.passwd,
+        fed.registry,
+        fed.crl,
     ]:
         assert p.is_file(), p
     assert fed.data_dir.is_dir()
     assert mode(fed.root) == 0o755  # mkdtemp's 0700 would lock the broker user out
     assert mode(fed.federation_json) == 0o644
     assert mode(fed.ca_cert) == 0o644
+    assert mode(fed.crl) == 0o644 and mode(fed.registry) == 0o644  # public data only
     for secret in (fed.ca_key, fed.server_key, fed.passwd):
         assert mode(secret) == 0o600, secret
     for pid in PARTIES:
@@ -93,8 +97,15 @@ def test_layout_and_permissions(federation: FederationPaths):
         "password_port": fed.password_port,
     }
     assert doc["max_packet_bytes"] == 1_048_576
-    assert sorted(doc["directory"]["parties"]) == PARTIES
+    # the federation file names the aggregator only; everyone else is in the registry
+    assert sorted(doc["directory"]["parties"]) == ["aggregator"]
+    assert doc["registry"] == "registry.db"
+    assert sorted(p.party_id for p in fed.directory()) == PARTIES
     assert FederationPaths.open(fed.root) == fed
+    # a client's copy of federation.json is the same small file for every client
+    copies = {(fed.party_dir(c) / "federation.json").read_bytes() for c in PARTIES[1:]}
+    assert len(copies) == 1
+    assert sorted(json.loads(copies.pop())["directory"]["parties"]) == ["aggregator"]
 
 
 @pytest.mark.skipif(
@@ -127,7 +138,9 @@ def test_party_configs_load(federation: FederationPaths):
         )
         assert cfg.tls and cfg.client_cert.is_file() and cfg.ca_cert.is_file()
         assert cfg.identity.public == cfg.directory.recipient(pid)
-        assert cfg.directory.clients() == ["alice", "bob", "carol"]
+        # the aggregator knows every client (from the registry); a client itself + aggregator
+        want = ["alice", "bob", "carol"] if pid == "aggregator" else [pid]
+        assert cfg.directory.clients() == want and len(cfg.directory) == len(want) + 1
         assert cfg.aggregator_id == "aggregator"
         assert cfg.max_packet_bytes == 1_048_576 and cfg.password
         assert cfg.topics.down(pid) == f"cotune/testfed/down/{pid}"
@@ -162,6 +175,24 @@ def test_load_party_config_rejects_broken_configs(federation: FederationPaths, t
     with pytest.raises(ProvisioningError, match="identity file is for 'bob'"):
         load_party_config(alice)
     shutil.copy(federation.party_dir("alice") / "identity.json", alice / "identity.json")
+
+    # bob's certificate in alice's directory: not alice's, and it certifies other keys
+    shutil.copy(federation.party_dir("bob") / "client.crt", alice / "client.crt")
+    with pytest.raises(ProvisioningError, match="certificate is for 'bob'"):
+        load_party_config(alice)
+    shutil.copy(federation.party_dir("alice") / "client.crt", alice / "client.crt")
+
+    # a substituted aggregator key in the client's federation file: the aggregator's
+    # certificate (checked against ca.crt) certifies other keys
+    doc = read_json(alice / "federation.json")
+    real = doc["directory"]["parties"]["aggregator"]["kx_pub"]
+    doc["directory"]["parties"]["aggregator"]["kx_pub"] = base64.b64encode(b"x" * 32).decode()
+    (alice / "federation.json").write_text(json.dumps(doc))
+    with pytest.raises(ProvisioningError, match="not the ones its certificate certifies"):
+        load_party_config(alice)
+    doc["directory"]["parties"]["aggregator"]["kx_pub"] = real
+    (alice / "federation.json").write_text(json.dumps(doc))
+    assert load_party_config(alice).party_id == "alice"
 
     cfg = read_json(alice / "config.json")
     del cfg["broker"]["port"]
@@ -199,22 +230,22 @@ def test_certificates_chain_to_the_ca(make_federation):
         assert not c.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
         assert c.not_valid_after_utc <= ca.not_valid_after_utc
         assert (fed.party_dir(pid) / "ca.crt").read_bytes() == fed.ca_cert.read_bytes()
+        # the certificate certifies the party's envelope keys: a holder of ca.crt alone can
+        # check keys relayed to it
+        ident = load_party_config(fed.party_dir(pid)).identity
+        assert certified_identity(c, ca, pid) == ident.public
 
 
 def test_acl_file(federation: FederationPaths):
     lines = [ln for ln in federation.acl.read_text().splitlines() if ln and not ln.startswith("#")]
+    # no per-client lines: the ACL does not grow with the fleet (revoked parties aside)
     assert lines == [
         "user aggregator",
         "topic readwrite cotune/testfed/#",
-        "user alice",
-        "topic read cotune/testfed/bcast",
-        "user bob",
-        "topic read cotune/testfed/bcast",
-        "user carol",
-        "topic read cotune/testfed/bcast",
+        "pattern read cotune/testfed/bcast",
+        "pattern read cotune/testfed/down/%u",
         "pattern write cotune/testfed/up/%u",
         "pattern write cotune/testfed/status/%u",
-        "pattern read cotune/testfed/down/%u",
     ]
 
 
@@ -235,6 +266,7 @@ def test_mosquitto_conf(federation: FederationPaths):
         f"listener {federation.port} 127.0.0.1",
         f"listener {federation.password_port} 127.0.0.1",
         f"cafile {federation.ca_cert}",
+        f"crlfile {federation.crl}",
         "require_certificate true",
         "use_identity_as_username true",
         "tls_version tlsv1.2",
@@ -307,16 +339,19 @@ def test_add_client(make_federation):
     directory = fed.directory()
     assert directory.clients() == ["alice", "dave"]
     dave = load_party_config(fed.party_config("dave"))
-    assert dave.role == "client" and dave.directory.clients() == ["alice", "dave"]
+    assert dave.role == "client" and dave.directory.clients() == ["dave"]
     cert(fed.party_dir("dave") / "client.crt").verify_directly_issued_by(cert(fed.ca_cert))
-    # every party's copy of the directory knows dave
-    alice = load_party_config(fed.party_config("alice"))
-    assert "dave" in alice.directory
+    # the aggregator's directory knows dave; no other party's files changed
+    assert "dave" in load_party_config(fed.party_config("aggregator")).directory
+    alice = fed.party_dir("alice")
+    assert (alice / "federation.json").read_bytes() == (
+        fed.party_dir("dave") / "federation.json"
+    ).read_bytes()
     assert "dave:$7$" in fed.passwd.read_text()
     assert verify_mosquitto_password(
         dict(ln.split(":", 1) for ln in fed.passwd.read_text().splitlines())["dave"], dave.password
     )
-    assert "user dave" in fed.acl.read_text()
+    assert "dave" not in fed.acl.read_text()  # the patterns cover it
     with pytest.raises(ProvisioningError, match="already exists"):
         add_client(fed.root, "dave")
 
