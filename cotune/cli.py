@@ -30,6 +30,65 @@ def _provision(args: argparse.Namespace) -> int:
     return 0
 
 
+def _enroll(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    from bridge import enroll
+
+    if args.action == "token":
+        print(enroll.issue_token(args.fed_dir, args.party, ttl_s=args.ttl_hours * 3600))
+    elif args.action == "request":
+        if args.url:
+            pc = enroll.enroll_online(args.dir, args.party, args.token, args.url, ca_file=args.ca)
+            print(f"enrolled {pc.party_id!r} in federation {pc.federation!r}: {pc.path}")
+        else:
+            enroll.create_request(args.dir, args.party, args.token)
+            print(f"request written to {Path(args.dir) / enroll.REQUEST_FILE}; send it to the "
+                  "operator, then run `cotune enroll install` with the bundle you get back")
+    elif args.action == "sign":
+        from bridge.keys import read_json, write_json
+
+        bundle = enroll.sign_request(args.fed_dir, read_json(Path(args.request)))
+        write_json(Path(args.out), bundle)
+        print(f"enrolled {bundle['party_id']!r} (certificate serial {bundle['serial']}); "
+              f"bundle written to {args.out}")
+    elif args.action == "install":
+        from bridge.keys import read_json
+
+        pc = enroll.install_bundle(args.dir, read_json(Path(args.bundle)))
+        print(f"installed {pc.party_id!r} in federation {pc.federation!r}: {pc.path}")
+    else:  # serve
+        import signal
+        import threading
+
+        server = enroll.EnrollServer(args.fed_dir, args.host, args.port)
+        stop = threading.Event()
+        for s in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(s, lambda *_: stop.set())
+        with server:
+            print(json.dumps({"enroll_url": server.url}), flush=True)
+            stop.wait()
+    return 0
+
+
+def _revoke(args: argparse.Namespace) -> int:
+    from bridge.broker import reload_running_broker
+    from bridge.enroll import revoke
+    from bridge.provision import FederationPaths
+
+    rec = revoke(args.fed_dir, args.party)
+    print(f"revoked {rec.party_id!r} (certificate serial {rec.serial:x}): registry, CRL, ACL, "
+          "password file updated")
+    pid = reload_running_broker(FederationPaths.open(args.fed_dir).mosquitto_conf)
+    if pid is not None:
+        print(f"sent SIGHUP to mosquitto (pid {pid}): it re-reads the CRL and ACL")
+    else:
+        print("no broker started by `cotune broker` runs for this federation: send SIGHUP to "
+              "your Mosquitto (e.g. `systemctl reload mosquitto`) to apply the CRL and ACL")
+    return 0
+
+
 def _broker(args: argparse.Namespace) -> int:
     from bridge.broker import run_broker_cli
 
@@ -130,7 +189,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True, help="directory to create")
     s.add_argument("--federation", default="demo", help="federation id (a topic level)")
     s.add_argument("--clients", help="comma-separated client ids (default: client1..clientN)")
-    s.add_argument("--num-clients", type=int, default=3)
+    s.add_argument("--num-clients", type=int, default=3,
+                   help="clients with centrally made keys (labs, tests); 0 to enroll devices instead")
     s.add_argument("--aggregator", default="aggregator")
     s.add_argument("--host", default="127.0.0.1", help="broker host name clients connect to")
     s.add_argument("--extra-host", action="append", help="additional broker certificate name (repeatable)")
@@ -139,6 +199,37 @@ def build_parser() -> argparse.ArgumentParser:
                    help="largest MQTT message the application sends; the broker allows a little more")
     s.add_argument("--force", action="store_true", help="overwrite an existing federation directory")
     s.set_defaults(func=_provision)
+
+    s = sub.add_parser("enroll", help="device enrollment: token | request | sign | install | serve")
+    e = s.add_subparsers(dest="action", metavar="ACTION")
+    e.required = True
+    t = e.add_parser("token", help="operator: a one-time enrollment token for a party id")
+    t.add_argument("fed_dir", help="federation directory (with the CA key)")
+    t.add_argument("party", help="the device's party id")
+    t.add_argument("--ttl-hours", type=float, default=168.0, help="token lifetime (default 7 days)")
+    t = e.add_parser("request", help="device: make keys here and a request (or enroll online)")
+    t.add_argument("--party", required=True, help="this device's party id")
+    t.add_argument("--token", required=True, help="the token the operator gave this device")
+    t.add_argument("--dir", required=True, help="the device's party directory to create")
+    t.add_argument("--url", help="enrollment endpoint (`cotune enroll serve`): enroll at once")
+    t.add_argument("--ca", help="CA certificate to verify the endpoint with, when the device has it")
+    t = e.add_parser("sign", help="CA: verify a request, issue the certificate, register the device")
+    t.add_argument("fed_dir")
+    t.add_argument("request", help="enroll-request.json from the device")
+    t.add_argument("--out", required=True, help="bundle file to hand back to the device")
+    t = e.add_parser("install", help="device: install the CA's bundle into the party directory")
+    t.add_argument("dir", help="the directory `enroll request` wrote")
+    t.add_argument("bundle")
+    t = e.add_parser("serve", help="CA: HTTPS enrollment endpoint (broker's server certificate)")
+    t.add_argument("fed_dir")
+    t.add_argument("--host", default="127.0.0.1")
+    t.add_argument("--port", type=int, default=8884)
+    s.set_defaults(func=_enroll)
+
+    s = sub.add_parser("revoke", help="revoke a party: registry, CRL, ACL, password; SIGHUP broker")
+    s.add_argument("fed_dir")
+    s.add_argument("party")
+    s.set_defaults(func=_revoke)
 
     s = sub.add_parser("broker", help="run Mosquitto with a federation's config, or an embedded broker")
     s.add_argument("--federation-dir", help="directory written by `cotune provision`")
@@ -167,6 +258,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--config", required=True, help="edge client config JSON")
     s.add_argument("--save-adapter", help="write the final global adapter here (peft format)")
     s.set_defaults(func=_edge)
+
+    from .fleet.cli import add_parser as add_fleet_parser  # `cotune fleet simulate`
+
+    add_fleet_parser(sub)
 
     for name, (_, text) in _PASSTHROUGH.items():
         s = sub.add_parser(name, help=text, add_help=False)
