@@ -63,7 +63,7 @@ def message_types() -> dict[str, type[Message]]:
     return dict(_REGISTRY)
 
 
-@functools.lru_cache(maxsize=None)  # resolving type hints costs ~0.3 ms; once per class
+@functools.cache  # resolving type hints costs ~0.3 ms; once per class
 def _field_kinds(cls: type[Message]) -> dict[str, Any]:
     hints = typing.get_type_hints(cls, globalns={"Tensors": Tensors, **vars(typing)})
     return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
