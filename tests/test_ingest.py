@@ -175,7 +175,7 @@ def test_group_commit_checkpoints_in_batches_and_restart_replays_the_log(tmp_pat
 
 
 CHILD = f"""
-import sys, random
+import sys, random, time
 sys.path.insert(0, {str(REPO)!r})
 from tests.test_ingest import _ingest, _accept
 from aggregator.state import StateStore
@@ -189,6 +189,7 @@ for i in range(n):
     if ing.book.status[f"c{{i:03d}}"] == "accepted":
         continue
     _accept(ing, i)
+    time.sleep(0.003)  # a round takes longer than the kill window, whatever the machine's load
     if rng.random() < 0.4:
         for rec in ing.sync():
             sys.stdout.write(f"acked {{rec.client}}\\n")
