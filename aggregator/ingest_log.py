@@ -28,7 +28,7 @@ import os
 import re
 import struct
 import zlib
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,6 +37,7 @@ import numpy as np
 import safetensors.numpy
 
 from .errors import StateError
+from .state import _contiguous, _fsync_dir
 
 MAGIC = b"CTWL"
 _FRAME = struct.Struct("<4sII")
@@ -221,20 +222,6 @@ def _segments(d: Path) -> list[tuple[int, int]]:
         if m:
             out.append((int(m.group(1)), int(m.group(2))))
     return out
-
-
-def _fsync_dir(directory: Path) -> None:
-    if os.name == "nt":
-        return
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _contiguous(tensors: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-    return {n: a if a.flags.c_contiguous else a.copy(order="C") for n, a in tensors.items()}
 
 
 def _json_default(obj: Any) -> Any:
