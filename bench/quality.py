@@ -23,10 +23,20 @@ Figures (last line ``BENCH quality {...}``):
 - fedmkt: heterogeneous clients (Llama / GPT-2 SLMs by domain), see ``bench/fedmkt_quality.py``:
   ``llm_gap_closed`` as for fedcollm; ``slm_vs_standalone`` (mean, and worst family) against
   standalone clients of the same families.
+- fedavg ``--async``: synchronous FedAvg against buffered asynchronous FedAvg (FedBuff: every
+  K accepted updates make a version, each update weighted by its staleness) on the same
+  clients, each with a seeded simulated speed (lognormal spread, one straggler in four, 4x
+  slower; ``cotune.simulate.ClientTiming``). Both are held to the same number of client
+  updates (rounds x clients) and FedBuff also to the synchronous run's simulated wall time.
+  Figures: the SLM's mean test NLL of the global after each, ``async_vs_sync`` (NLL ratio at
+  equal updates; ``..._same_time`` at equal simulated time), ``gain_retained`` = (nll_base -
+  nll_async) / (nll_base - nll_sync), simulated seconds of both, and ``time_to_sync_nll``: the
+  simulated time FedBuff needs to reach the synchronous final NLL, over the synchronous time.
 
     python bench/quality.py --algorithm fedcollm,fedpt --quick
     python bench/quality.py --algorithm fedbiot --quick
     python bench/quality.py --algorithm fedmkt --quick
+    python bench/quality.py --algorithm fedavg --async --quick
 """
 
 from __future__ import annotations
@@ -261,6 +271,158 @@ class Bench:
         self.say(f"FedPT: alpha {alpha} chosen on dev ({', '.join(f'{a}: {v:.3f}' for a, v in dev_mean.items())}); "
                  f"proxy test NLL {self.mean(self.results['llm_proxy']):.4f}")
 
+    # -- synchronous vs buffered asynchronous FedAvg ---------------------------------------------
+    def _global_evaluator(self):
+        """Mean test NLL (and per domain) of a FedAvg global state on the SLM: one model, the
+        state's adapter loaded for each call."""
+        from algorithms.core.modeling import (
+            LoraSpec,
+            attach_lora,
+            load_adapter_state,
+            load_causal_lm,
+        )
+        from algorithms.core.state_parts import client_part, to_torch
+
+        base, tok, _ = load_causal_lm(self.slm_path)
+        model = attach_lora(base, LoraSpec.from_dict(self.s["fedavg"]["lora"]), seed=0)
+
+        def evaluate(state) -> dict:
+            load_adapter_state(model, to_torch(client_part(state)))
+            return self.eval_domains(model, tok)
+
+        return evaluate
+
+    def fedavg_async(self) -> None:
+        from aggregator.buffered import BufferedConfig
+        from cotune.simulate import ClientTiming, simulate, simulate_async
+
+        a = self.args
+        n, rounds = len(self.domains), self.s["rounds"]
+        timing = ClientTiming(median_seconds=60.0, spread=0.5, stragglers=0.25,
+                              straggler_factor=4.0, jitter=0.2, dropout=0.0, seed=a.seed)
+        buffered = BufferedConfig(buffer_size=a.buffer_size, concurrency=a.concurrency or n,
+                                  max_staleness=a.max_staleness, staleness=a.staleness,
+                                  server_lr=a.server_lr)
+        evaluate = self._global_evaluator()
+        r = self.results
+        r["async_settings"] = {"timing": vars(timing), "buffered": buffered.to_dict(),
+                               "max_updates": a.async_max_factor * rounds * n}
+        base = evaluate(self._initial_fedavg_state())
+        r["slm_zero_shot"] = base
+        self.say(f"SLM zero-shot (version 0): mean test NLL {self.mean(base):.4f}")
+
+        sync_nll: list[float] = []
+
+        def after_round(rnd, state, server):
+            sync_nll.append(self.mean(evaluate(state)))
+            self.say(f"sync FedAvg round {rnd}: test NLL {sync_nll[-1]:.4f}")
+
+        sync = simulate("fedavg", self.s["fedavg"], self._server_ctx(), self._clients(), rounds,
+                        progress=None, after_round=after_round, timing=timing)
+        t, curve = 0.0, [{"updates": 0, "sim_time": 0.0, "nll": self.mean(base)}]
+        for rec, nll in zip(sync.rounds, sync_nll, strict=True):
+            t += rec.sim_seconds
+            curve.append({"round": rec.round, "updates": rec.round * n, "sim_time": round(t, 2),
+                          "nll": nll})
+        r["sync_curve"], r["sync_sim_seconds"] = curve, t
+        r["slm_fedavg"] = self._final_slm(sync)
+        r["slm_fedavg_global"] = evaluate(sync.state)
+
+        acurve = [{"version": 0, "updates": 0, "sim_time": 0.0, "nll": self.mean(base)}]
+
+        def after_version(rec, state, server):
+            acurve.append({"version": rec.version, "updates": rec.updates,
+                           "sim_time": round(rec.sim_time, 2), "nll": self.mean(evaluate(state)),
+                           "staleness": {str(k): v for k, v in rec.staleness.items()}})
+            self.say(f"FedBuff version {rec.version}: {rec.updates} updates at "
+                     f"t={rec.sim_time:.0f}s, staleness {rec.staleness}, "
+                     f"test NLL {acurve[-1]['nll']:.4f}")
+
+        res = simulate_async("fedavg", self.s["fedavg"], self._server_ctx(), self._clients(),
+                             buffered=buffered, updates=rounds * n, sim_seconds=t,
+                             max_updates=a.async_max_factor * rounds * n, timing=timing,
+                             progress=None, after_version=after_version, apply_final=False)
+        r["async_curve"] = acurve
+        r["async_run"] = {"accepted": res.accepted, "rejected": res.rejected,
+                          "dropped": res.dropped, "unapplied": res.unapplied,
+                          "sim_time": res.sim_time,
+                          "speeds": res.speeds, "stragglers": res.stragglers}
+        self.say(f"FedBuff: {res.accepted} updates, {len(res.versions)} versions, rejected "
+                 f"{res.rejected}, t={res.sim_time:.0f}s (sync: {t:.0f}s)")
+
+    def _initial_fedavg_state(self):
+        from algorithms import registry
+
+        return registry.get("fedavg").server(self.s["fedavg"], self._server_ctx()).initial_state()
+
+    def async_figures(self) -> dict:
+        r, n = self.results, len(self.domains)
+        budget = self.s["rounds"] * n
+        base = self.mean(r["slm_zero_shot"])
+        sync = r["sync_curve"][-1]
+        t_sync = r["sync_sim_seconds"]
+        ac = r["async_curve"]
+        same_updates = next((c for c in ac if c["updates"] >= budget), ac[-1])
+        same_time = [c for c in ac if c["sim_time"] <= t_sync][-1]
+        reach = next((c for c in ac if c["nll"] <= sync["nll"]), None)
+        hist: dict[str, int] = {}
+        for c in ac[1:]:
+            for k, v in c["staleness"].items():
+                hist[k] = hist.get(k, 0) + v
+        gain = base - sync["nll"]
+        bc = r["async_settings"]["buffered"]
+        return {
+            "domains": n, "rounds": self.s["rounds"], "client_updates": budget,
+            "buffer_size": bc["buffer_size"], "concurrency": bc["concurrency"],
+            "staleness": f"{bc['staleness']}:{bc['staleness_exponent']}",
+            "server_lr": bc["server_lr"],
+            "nll_slm_base": round(base, 4), "nll_sync": round(sync["nll"], 4),
+            "nll_async": round(same_updates["nll"], 4),
+            "async_vs_sync": round(same_updates["nll"] / sync["nll"], 4),
+            "gain_retained": round((base - same_updates["nll"]) / gain, 4),
+            "nll_async_same_time": round(same_time["nll"], 4),
+            "async_vs_sync_same_time": round(same_time["nll"] / sync["nll"], 4),
+            "gain_retained_same_time": round((base - same_time["nll"]) / gain, 4),
+            "updates_async_same_time": same_time["updates"],
+            "time_budget_reached": r["async_run"]["sim_time"] >= t_sync,
+            "sim_seconds_sync": round(t_sync, 1),
+            "sim_seconds_async": round(same_updates["sim_time"], 1),
+            "time_to_sync_nll": round(reach["sim_time"] / t_sync, 4) if reach else None,
+            "staleness_hist": dict(sorted(hist.items(), key=lambda kv: int(kv[0]))),
+            "rejected": r["async_run"]["rejected"],
+            "nll_slm_fedavg_clients": round(self.mean(r["slm_fedavg"]), 4),
+        }
+
+    def plot_async(self, path: Path) -> None:
+        try:
+            import matplotlib
+
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+        except ImportError:
+            return
+        r = self.results
+        sc, ac = r["sync_curve"], r["async_curve"]
+        bc = r["async_settings"]["buffered"]
+        fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
+        for ax, key, label in ((axes[0], "sim_time", "simulated wall time (s)"),
+                               (axes[1], "updates", "accepted client updates")):
+            ax.plot([c[key] for c in sc], [c["nll"] for c in sc], "o-",
+                    label="FedAvg (synchronous rounds)")
+            ax.plot([c[key] for c in ac], [c["nll"] for c in ac], ".-",
+                    label=f"FedBuff (K={bc['buffer_size']}, concurrency {bc['concurrency']}, "
+                          f"{bc['staleness']} {bc['staleness_exponent']})")
+            ax.set_xlabel(label)
+            ax.grid(alpha=0.3)
+        axes[0].axvline(r["sync_sim_seconds"], color="grey", lw=0.8, ls="--")
+        axes[1].axvline(self.s["rounds"] * len(self.domains), color="grey", lw=0.8, ls="--")
+        axes[0].set_ylabel("SLM global: mean held-out token NLL (nats)")
+        axes[0].legend(fontsize=8)
+        fig.suptitle("cotune: synchronous FedAvg vs buffered asynchronous FedAvg (stragglers)")
+        fig.tight_layout()
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+
     # -- figures --------------------------------------------------------------------------------
     def fedbiot(self) -> None:  # FedBiOT vs FedOT: bench/fedbiot_quality.py
         import fedbiot_quality
@@ -376,8 +538,26 @@ def main() -> int:
                     help="FedCoLLM, FedPT and FedMKT: keep the device's own SLM as base (and "
                          "FedPT's anti-expert): the papers' setting")
     ap.add_argument("--out", default="bench/results")
+    ap.add_argument("--async", dest="async_", action="store_true",
+                    help="with --algorithm fedavg: synchronous FedAvg vs buffered asynchronous "
+                         "FedAvg (FedBuff) under simulated heterogeneous client speeds")
+    ap.add_argument("--buffer-size", type=int, default=2, help="--async: K, updates per version")
+    ap.add_argument("--concurrency", type=int, default=None,
+                    help="--async: clients training at once (default: every client)")
+    ap.add_argument("--max-staleness", type=int, default=4)
+    ap.add_argument("--staleness", choices=["polynomial", "constant", "hinge"],
+                    default="polynomial")
+    ap.add_argument("--server-lr", type=float, default=1.0)
+    ap.add_argument("--seed", type=int, default=0, help="--async: seed of the client speeds")
+    ap.add_argument("--async-max-factor", type=int, default=2,
+                    help="--async: FedBuff stops after this many times the synchronous run's "
+                         "client updates even if the synchronous wall time is not reached")
     args = ap.parse_args()
     algos = [a for a in args.algorithm.split(",") if a]
+    if args.async_ or "fedavg" in algos:
+        if algos != ["fedavg"] or not args.async_:
+            ap.error("--async compares FedAvg only: use --algorithm fedavg --async")
+        return run_async(args)
     unknown = set(algos) - {"fedcollm", "fedpt", "fedbiot", "fedmkt"}
     if unknown:
         ap.error(f"unknown algorithms {sorted(unknown)}")
@@ -395,6 +575,21 @@ def main() -> int:
     tag = "-".join(algos) + ("-quick" if args.quick else "") + ("-noalign" if args.no_align else "")
     (out / f"quality-{tag}.json").write_text(json.dumps({"figures": fig, **b.results}, indent=2, default=str))
     b.plot(out / f"quality-{tag}.png", algos)
+    b.say(f"wrote {out / f'quality-{tag}.json'} and .png")
+    print("BENCH quality " + json.dumps(fig), flush=True)
+    return 0
+
+
+def run_async(args) -> int:
+    b = Bench(args)
+    b.fedavg_async()
+    fig = b.async_figures()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    tag = "fedavg-async" + ("-quick" if args.quick else "")
+    (out / f"quality-{tag}.json").write_text(json.dumps({"figures": fig, **b.results}, indent=2,
+                                                        default=str))
+    b.plot_async(out / f"quality-{tag}.png")
     b.say(f"wrote {out / f'quality-{tag}.json'} and .png")
     print("BENCH quality " + json.dumps(fig), flush=True)
     return 0
