@@ -66,6 +66,12 @@ class AggregatorConfig:
     #: worker_close_timeout_s is recovered from its checkpoint and log by the service.
     ingest_workers: int = 0
     worker_close_timeout_s: float = 30.0
+    #: "sync": rounds with a barrier (selection, quorum, deadline); "buffered": asynchronous
+    #: FedBuff rounds, a new global version every buffer_size updates (aggregator/buffered_rounds.py)
+    mode: str = "sync"
+    #: buffered-mode settings (aggregator/buffered.py BufferedConfig): buffer_size,
+    #: max_staleness, staleness, staleness_exponent, server_lr, concurrency, example_weighting
+    buffered: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.rounds < 1:
@@ -80,6 +86,15 @@ class AggregatorConfig:
             raise ConfigError("round_deadline_s must be > 0")
         if self.max_norm is not None and not (math.isfinite(self.max_norm) and self.max_norm > 0):
             raise ConfigError("max_norm must be a positive number or null")
+        if self.mode not in ("sync", "buffered"):
+            raise ConfigError(f"mode must be 'sync' or 'buffered', got {self.mode!r}")
+        if self.buffered:
+            from .buffered import BufferedConfig
+
+            try:
+                BufferedConfig.from_dict(self.buffered)
+            except ValueError as exc:
+                raise ConfigError(str(exc)) from None
         if self.ingest_workers < 0:
             raise ConfigError("ingest_workers must be >= 0")
         if self.keep_globals < 0:

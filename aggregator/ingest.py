@@ -130,7 +130,7 @@ class RoundIngest:
         for rec in IngestLog.replay(log_dir, round):
             if rec.client in in_checkpoint or book.status.get(rec.client) not in _OPEN:
                 continue
-            agg.add(rec.client, rec.tensors, weight=rec.weight)
+            agg.add(rec.client, rec.tensors, weight=rec.weight, **rec.fold)
             book.accept(rec.client)
             in_checkpoint.add(rec.client)
             rec.tensors = {}
@@ -144,16 +144,17 @@ class RoundIngest:
 
     # -- the per-update path -------------------------------------------------------------
     def accept(self, client: str, update: ValidatedUpdate, *, weight: float, num_examples: int,
-               update_digest: str, metrics: Mapping[str, Any]) -> None:
+               update_digest: str, metrics: Mapping[str, Any], fold: Mapping[str, Any] | None = None) -> None:
         """Fold and log one update (not yet durable: see :meth:`sync`). Raises
         :class:`InvalidUpdate` without changing anything when it cannot be counted."""
         self.book.check(client)
         if isinstance(num_examples, bool) or not isinstance(num_examples, int) or num_examples <= 0:
             raise InvalidUpdate("weight", f"num_examples must be a positive integer, got {num_examples!r}",
                                 client=client)
-        self.agg.add(client, update.tensors, weight=weight)  # checks everything before it folds
+        fold = dict(fold or {})  # extra arguments of the rule's add (a buffer's staleness)
+        self.agg.add(client, update.tensors, weight=weight, **fold)  # checks everything before it folds
         rec = LogRecord(self.round, client, float(weight), int(num_examples), update_digest, self.clock(),
-                        dict(metrics), dict(update.tensors))
+                        dict(metrics), dict(update.tensors), fold)
         try:
             self.log.append(rec)
         except OSError as exc:

@@ -57,12 +57,13 @@ class LogRecord:
     received_at: float
     metrics: dict[str, Any] = field(default_factory=dict)
     tensors: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
+    fold: dict[str, Any] = field(default_factory=dict)  # extra arguments of the rule's add
 
     def encode(self) -> bytes:
         meta = json.dumps(
             {"round": self.round, "client": self.client, "weight": self.weight,
              "num_examples": self.num_examples, "update_digest": self.update_digest,
-             "received_at": self.received_at, "metrics": self.metrics},
+             "received_at": self.received_at, "metrics": self.metrics, "fold": self.fold},
             separators=(",", ":"), sort_keys=True, default=_json_default,
         ).encode()
         body = _META_LEN.pack(len(meta)) + meta + safetensors.numpy.save(_contiguous(self.tensors))
@@ -75,7 +76,7 @@ class LogRecord:
         tensors = safetensors.numpy.load(bytes(body[_META_LEN.size + n:]))
         return cls(meta["round"], meta["client"], float(meta["weight"]), int(meta["num_examples"]),
                    meta["update_digest"], float(meta["received_at"]), dict(meta.get("metrics") or {}),
-                   tensors)
+                   tensors, dict(meta.get("fold") or {}))
 
 
 class IngestLog:

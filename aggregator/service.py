@@ -85,6 +85,13 @@ class AggregatorService:
         if self.workers is not None and config.serve_logits:
             raise AggregatorError("serve_logits needs the service to read the up topics; it cannot be combined "
                                   "with ingest_workers")
+        self.buffered = None
+        if config.mode == "buffered":
+            from .buffered_rounds import BufferedRounds
+
+            if self.workers is not None:
+                raise AggregatorError("buffered rounds run in the service itself; set ingest_workers to 0")
+            self.buffered = BufferedRounds(self)
         self.intake = UpdateIntake(self.endpoint, self.algorithm, self.rule, config, None, stop=self._stop,
                                    progress=self.progress, on_other=self._on_other)
 
@@ -126,14 +133,18 @@ class AggregatorService:
                 if info.status == "committed":
                     if info.round >= self.cfg.rounds:
                         break
-                    selected = self._select(info.round + 1)
+                    nxt = info.round + 1
+                    selected = self.buffered.participants(nxt) if self.buffered else self._select(nxt)
                     info = self.store.open_round(selected, deadline=time.time() + self.cfg.round_deadline_s)
                     _event("round_opened", round=info.round, selected=len(info.selected),
                            first=list(info.selected[:20]))
                 else:
                     _event("round_resumed", round=info.round, status=info.status)
                     self.progress(f"resuming round {info.round} ({info.status}) after a restart")
-                self._run_round(info.round)
+                if self.buffered is not None:
+                    self.buffered.run_round(info.round)
+                else:
+                    self._run_round(info.round)
             if not self._stop.is_set():
                 self._finish()
         finally:
@@ -148,7 +159,15 @@ class AggregatorService:
     # -- selection ------------------------------------------------------------------------
     def _select(self, round: int) -> list[str]:
         """A seeded sample of ``fraction`` of the clients that are online (retained presence),
-        at least ``min_clients``. Before round 1 the service waits up to
+        at least ``min_clients``."""
+        pool = self._pool(round)
+        k = min(len(pool), max(self.cfg.min_clients, round_half_up(self.cfg.fraction * len(pool))))
+        rng = random.Random(f"{self.cfg.seed}:{round}")
+        return sorted(rng.sample(sorted(pool), k))
+
+    def _pool(self, round: int) -> list[str]:
+        """The clients a round may choose from: the online ones (all registered clients when
+        fewer than ``min_clients`` are online). Before round 1 the service waits up to
         ``wait_for_clients_s`` for every registered client to show up."""
         clients = self.party.directory.clients()
         if round == 1:
@@ -158,10 +177,7 @@ class AggregatorService:
                     break
                 time.sleep(0.2)
         online = self._online(clients)
-        pool = online if len(online) >= self.cfg.min_clients else clients
-        k = min(len(pool), max(self.cfg.min_clients, round_half_up(self.cfg.fraction * len(pool))))
-        rng = random.Random(f"{self.cfg.seed}:{round}")
-        return sorted(rng.sample(sorted(pool), k))
+        return online if len(online) >= self.cfg.min_clients else clients
 
     def _online(self, clients: list[str]) -> list[str]:
         return [c for c in clients if self.endpoint.presence.get(c, {}).get("state") == "online"]

@@ -53,6 +53,8 @@ class UpdateIntake:
         self.on_other = on_other or (lambda inbound: _event("ignored", client=inbound.sender,
                                                             type=inbound.message.TYPE))
         self.current_round = 0
+        #: None: synchronous rounds; else the buffered-rounds policy (aggregator/buffered_rounds.py)
+        self.mode = None
         self.awaiting: dict[str, tuple[Update, Any, float]] = {}
         self.rejections: list[tuple[int, str, str, str]] = []
         self.wire_rejections: deque = deque(maxlen=4096)
@@ -103,7 +105,9 @@ class UpdateIntake:
     def on_update(self, r: int, client: str, upd: Update, ingest: RoundIngest, spec: UpdateSpec,
                    bytes_at_start: dict) -> None:
         try:
-            if upd.round != r:
+            if self.mode is not None:
+                self.mode.check_round(r, upd.round, client)
+            elif upd.round != r:
                 raise InvalidUpdate("round", f"update for round {upd.round}, current round is {r}", client=client)
             ingest.book.check(client)
             if upd.algorithm != self.cfg.algorithm:
@@ -147,14 +151,19 @@ class UpdateIntake:
     def ingest(self, r: int, client: str, upd: Update, tensors: dict, ingest: RoundIngest, spec: UpdateSpec,
                 bytes_at_start: dict) -> None:
         try:
-            checked = check_update(self.algorithm, self.rule, tensors, spec, client=client,
-                                   max_norm=self.cfg.max_norm, clip=self.cfg.clip)
-            weight = self.algorithm.update_weight(upd.metrics, upd.num_examples)
+            fold: dict = {}
+            if self.mode is not None:  # buffered rounds: a delta against the version it trained on
+                checked, weight, fold, digest = self.mode.prepare(r, client, upd, tensors)
+            else:
+                checked = check_update(self.algorithm, self.rule, tensors, spec, client=client,
+                                       max_norm=self.cfg.max_norm, clip=self.cfg.clip)
+                weight = self.algorithm.update_weight(upd.metrics, upd.num_examples)
+                digest = update_digest(checked.tensors)
             metrics = {**upd.metrics, "num_examples": upd.num_examples, "norm": checked.norm,
-                       "clipped": checked.clipped,
+                       "clipped": checked.clipped, **fold,
                        "bytes_up": self.endpoint.bytes_from[client] - bytes_at_start.get(client, 0)}
             ingest.accept(client, checked, weight=weight, num_examples=upd.num_examples,
-                          update_digest=update_digest(checked.tensors), metrics=metrics)
+                          update_digest=digest, metrics=metrics, fold=fold)
         except InvalidUpdate as exc:
             self.reject(r, client, exc.reason, str(exc), ingest)
             return
