@@ -18,6 +18,7 @@ cache.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -25,10 +26,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import safetensors.numpy
+
 from .aggregation import Aggregator
 from .errors import InvalidUpdate, StateError
 from .ingest_log import IngestLog, LogRecord
-from .state import AcceptRecord, StateStore
+from .state import AcceptRecord, StateStore, _contiguous
 from .validation import ValidatedUpdate
 
 log = logging.getLogger("cotune.aggregator")
@@ -144,19 +147,25 @@ class RoundIngest:
 
     # -- the per-update path -------------------------------------------------------------
     def accept(self, client: str, update: ValidatedUpdate, *, weight: float, num_examples: int,
-               update_digest: str, metrics: Mapping[str, Any], fold: Mapping[str, Any] | None = None) -> None:
-        """Fold and log one update (not yet durable: see :meth:`sync`). Raises
-        :class:`InvalidUpdate` without changing anything when it cannot be counted."""
+               update_digest: str | None, metrics: Mapping[str, Any],
+               fold: Mapping[str, Any] | None = None) -> str:
+        """Fold and log one update (not yet durable: see :meth:`sync`); returns its digest.
+        ``update_digest`` None: the digest of the tensors as logged (one serialisation serves
+        both). Raises :class:`InvalidUpdate` without changing anything when it cannot be
+        counted."""
         self.book.check(client)
         if isinstance(num_examples, bool) or not isinstance(num_examples, int) or num_examples <= 0:
             raise InvalidUpdate("weight", f"num_examples must be a positive integer, got {num_examples!r}",
                                 client=client)
         fold = dict(fold or {})  # extra arguments of the rule's add (a buffer's staleness)
         self.agg.add(client, update.tensors, weight=weight, **fold)  # checks everything before it folds
+        tensor_bytes = safetensors.numpy.save(_contiguous(update.tensors))
+        if update_digest is None:
+            update_digest = hashlib.sha256(tensor_bytes).hexdigest()
         rec = LogRecord(self.round, client, float(weight), int(num_examples), update_digest, self.clock(),
                         dict(metrics), dict(update.tensors), fold)
         try:
-            self.log.append(rec)
+            self.log.append(rec, tensor_bytes)
         except OSError as exc:
             # the aggregate now holds an update the log does not: stop; a restart recovers the
             # last checkpoint plus the log, where this update is absent (it was not acknowledged)
@@ -164,6 +173,7 @@ class RoundIngest:
         if self.log.unsynced == 1:
             self._first_unsynced = time.monotonic()
         self.book.accept(client)
+        return update_digest
 
     def sync_due(self, idle: bool) -> bool:
         n = self.log.unsynced

@@ -59,14 +59,18 @@ class LogRecord:
     tensors: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
     fold: dict[str, Any] = field(default_factory=dict)  # extra arguments of the rule's add
 
-    def encode(self) -> bytes:
+    def encode(self, tensor_bytes: bytes | None = None) -> bytes:
+        """The framed record; ``tensor_bytes``: the tensors' safetensors bytes when the caller
+        already made them (they also give the update digest)."""
         meta = json.dumps(
             {"round": self.round, "client": self.client, "weight": self.weight,
              "num_examples": self.num_examples, "update_digest": self.update_digest,
              "received_at": self.received_at, "metrics": self.metrics, "fold": self.fold},
             separators=(",", ":"), sort_keys=True, default=_json_default,
         ).encode()
-        body = _META_LEN.pack(len(meta)) + meta + safetensors.numpy.save(_contiguous(self.tensors))
+        if tensor_bytes is None:
+            tensor_bytes = safetensors.numpy.save(_contiguous(self.tensors))
+        body = b"".join((_META_LEN.pack(len(meta)), meta, tensor_bytes))
         return _FRAME.pack(MAGIC, len(body), zlib.crc32(body)) + body
 
     @classmethod
@@ -109,10 +113,10 @@ class IngestLog:
         return self.dir / f"round-{self.round:06d}-{seq:06d}.wal"
 
     # -- writing ------------------------------------------------------------------------
-    def append(self, record: LogRecord) -> None:
+    def append(self, record: LogRecord, tensor_bytes: bytes | None = None) -> None:
         if record.round != self.round:
             raise StateError(f"record for round {record.round} appended to the log of round {self.round}")
-        data = record.encode()
+        data = record.encode(tensor_bytes)
         self._fh.write(data)
         self.bytes_written += len(data)
         record.tensors = {}  # folded and logged: the log, not memory, keeps the tensors now

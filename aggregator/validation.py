@@ -99,6 +99,19 @@ class UpdateSpec:
     def names(self) -> tuple[str, ...]:
         return tuple(sorted(self.tensors))
 
+    def reference64(self, name: str) -> np.ndarray:
+        """The reference tensor as float64, converted once per spec (not once per update)."""
+        cache = self.__dict__.get("_ref64")
+        if cache is None:
+            cache = {}
+            object.__setattr__(self, "_ref64", cache)
+        ref = cache.get(name)
+        if ref is None:
+            ref = to_float64(self.reference[name], self.tensors[name].dtype)
+            ref.flags.writeable = False
+            cache[name] = ref
+        return ref
+
     def num_elements(self) -> int:
         return sum(math.prod(t.shape) for t in self.tensors.values())
 
@@ -147,15 +160,18 @@ def validate_update(
     if max_norm is not None and not (math.isfinite(max_norm) and max_norm > 0):
         raise SpecError(f"max_norm must be a finite positive number, got {max_norm!r}")
     wire = check_structure(update, spec, client=client)
-    for name, view in wire.items():
-        if not _all_finite(view, spec.tensors[name].dtype):
-            raise InvalidUpdate("non_finite", f"tensor {name!r} contains NaN or Inf", client=client)
-
+    # one pass: a NaN or Inf anywhere makes the squared norm non-finite (the reference is a
+    # finite global, and no finite wire value squares to an overflow in float64); only then
+    # is each tensor checked, to name the offender
     sq = 0.0
     for name in spec.names:
         delta = _delta(wire[name], spec, name)
         flat = delta.ravel()
         sq += float(np.dot(flat, flat))
+    if not math.isfinite(sq):
+        for name, view in wire.items():
+            if not _all_finite(view, spec.tensors[name].dtype):
+                raise InvalidUpdate("non_finite", f"tensor {name!r} contains NaN or Inf", client=client)
     norm = math.sqrt(sq)
 
     if max_norm is None or norm <= max_norm:
@@ -277,7 +293,7 @@ def _delta(arr: np.ndarray, spec: UpdateSpec, name: str) -> np.ndarray:
     dtype = spec.tensors[name].dtype
     values = to_float64(arr, dtype)
     if spec.reference is not None:
-        values -= to_float64(spec.reference[name], dtype)
+        values -= spec.reference64(name)
     return values
 
 
