@@ -259,21 +259,26 @@ def test_sigterm_is_honoured_within_two_seconds_mid_round(fed, model, tmp_path):
 
 
 @pytest.mark.slow
-def test_two_ingest_worker_processes_give_the_single_process_result(fed, model, tmp_path):
+@pytest.mark.parametrize("ledger", ["sqlite", "postgresql"])
+def test_two_ingest_worker_processes_give_the_single_process_result(fed, model, tmp_path, ledger, request):
     """Scale-out ingest end to end: two worker processes take the up topics of their shards,
-    fold their partials, the service merges them; the global is the hand-computed mean and
-    every client was acknowledged by the worker that holds its update."""
+    fold their partials, the service merges them; the global is the hand-computed mean. With
+    a PostgreSQL ledger, the set-up a multi-host deployment uses (workers reach the ledger
+    over the network, checkpoints on shared storage)."""
+    from aggregator.state import open_store
     from aggregator.workers import shard_of
 
     assert {shard_of(c, 2) for c in SHARDS} == {0, 1}, "the test needs both shards populated"
+    dsn = request.getfixturevalue("postgresql_dsn") if ledger == "postgresql" else None
     work = tmp_path / "clients"
     clients, threads = _start_clients(fed, model, list(SHARDS), work)
-    cfg = _config(fed, model, tmp_path / "agg", ingest_workers=2, checkpoint_interval_s=0.5)
+    cfg = _config(fed, model, tmp_path / "agg", ingest_workers=2, checkpoint_interval_s=0.5, state_db=dsn)
     status = AggregatorService(cfg, progress=None).run()
     for t in threads:
         t.join(60)
     assert status["rounds_committed"] == 2
-    with StateStore(tmp_path / "agg" / "state.db") as store:
+    target = dsn or tmp_path / "agg" / "state.db"
+    with open_store(target, checkpoints=tmp_path / "agg" / "state.db.checkpoints") as store:
         for r in (1, 2):
             info = store.load_round(r, with_partial=False)
             assert info.accepted == sorted(SHARDS)
