@@ -128,6 +128,8 @@ class BufferedRounds:
         ingest = None
         svc._current_round = svc.intake.current_round = r
         svc.endpoint.set_round_floor(max(1, r - self.config.max_staleness))
+        limit = svc.intake.blob_limit(spec)
+        svc.endpoint.blob_limit = lambda sender: limit
         if info.status == "open":
             ingest = RoundIngest.open(store, r, buffer, svc.state_dir / "wal", svc.cfg.ingest_settings())
             to_task = self._to_task

@@ -33,6 +33,12 @@ class AggregatorConfig:
     aggregation: str = "fedavg"  # fedavg | median | trimmed_mean
     trim_fraction: float = 0.1
     max_norm: float | None = None  # bound on the L2 norm of an update's delta to the global
+    #: a client's num_examples is self-reported and is its FedAvg weight: capped here, so one
+    #: member claiming 10^9 examples cannot own the average (None: no cap)
+    max_num_examples: int | None = 100_000
+    #: the largest update blob accepted (None: the round's update spec size + 10% + 1 MiB; for
+    #: algorithms that collect payloads, 512 MiB). Nothing is held for a larger declared blob.
+    max_update_bytes: int | None = None
     clip: bool = False  # scale an over-norm update down instead of rejecting it
     models: dict = field(default_factory=dict)  # role -> local checkpoint path ("slm", "llm")
     public_data: list = field(default_factory=list)  # the auxiliary set D_p (texts)
@@ -45,6 +51,8 @@ class AggregatorConfig:
     stop_clients_when_done: bool = True
     final_wait_s: float = 30.0  # how long to collect clients' evaluations of the final model
     serve_logits: bool = False  # answer devices' LogitsRequests with the LLM (proxy-tuned generation)
+    #: refuse to start when a private key file is readable by other users (else: a warning)
+    strict_keys: bool = False
     #: the ledger: None = SQLite in state_dir; or a PostgreSQL DSN ("postgresql://...") for
     #: deployments whose workers or standby run on other hosts (checkpoint files stay in state_dir)
     state_db: str | None = None
@@ -97,6 +105,10 @@ class AggregatorConfig:
                 raise ConfigError(str(exc)) from None
         if self.ingest_workers < 0:
             raise ConfigError("ingest_workers must be >= 0")
+        if self.max_num_examples is not None and self.max_num_examples < 1:
+            raise ConfigError("max_num_examples must be >= 1 or null")
+        if self.max_update_bytes is not None and self.max_update_bytes < 1024:
+            raise ConfigError("max_update_bytes must be >= 1024 or null")
         if self.keep_globals < 0:
             raise ConfigError("keep_globals must be >= 0 (0 keeps every global state)")
         try:

@@ -57,7 +57,7 @@ class AggregatorService:
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self.store = None  # opened in run(): SQLite connections belong to one thread
         _attach_event_log(self.state_dir / "events.jsonl")
-        pc = load_party_config(config.party_config)
+        pc = load_party_config(config.party_config, strict=config.strict_keys)
         self.party = pc
         broker = broker_config_for(pc, **config.broker)
         chunking = {"chunk_size": config.chunk_size} if config.chunk_size else {}
@@ -194,6 +194,8 @@ class AggregatorService:
         agg = self._aggregator(partial, spec)
         self._current_round = self.intake.current_round = r
         self.endpoint.set_round_floor(r)
+        limit = self.intake.blob_limit(spec)
+        self.endpoint.blob_limit = lambda sender: limit
         bytes_at_start = dict(self.endpoint.bytes_from)
         ingest = None
         if info.status == "open" and self.workers is not None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import threading
 import time
 from collections import deque
@@ -157,7 +158,7 @@ class UpdateIntake:
             else:
                 checked = check_update(self.algorithm, self.rule, tensors, spec, client=client,
                                        max_norm=self.cfg.max_norm, clip=self.cfg.clip)
-                weight = self.algorithm.update_weight(upd.metrics, upd.num_examples)
+                weight = self.algorithm.update_weight(upd.metrics, self.capped_examples(upd.num_examples))
                 digest = None  # computed from the bytes the log writes anyway
             metrics = {**upd.metrics, "num_examples": upd.num_examples, "norm": checked.norm,
                        "clipped": checked.clipped, **fold,
@@ -176,6 +177,23 @@ class UpdateIntake:
             self.progress(f"round {r}: accepted {client} ({upd.num_examples} examples, |delta| {checked.norm:.3g})")
         elif len(ingest.book.accepted) % 1000 == 0:
             self.progress(f"round {r}: {len(ingest.book.accepted)}/{ingest.book.n_selected} updates accepted")
+
+    def capped_examples(self, n):
+        """The weight-bearing example count: num_examples capped by ``max_num_examples``
+        (a non-integer is left to the ledger's check, which rejects it with reason weight)."""
+        cap = self.cfg.max_num_examples
+        if cap is not None and isinstance(n, int) and not isinstance(n, bool) and n > cap:
+            return cap
+        return n
+
+    def blob_limit(self, spec: UpdateSpec) -> int:
+        """The largest update blob this round accepts from one client."""
+        if self.cfg.max_update_bytes is not None:
+            return int(self.cfg.max_update_bytes)
+        if self.rule == "collect":
+            return 512 * 1024 * 1024
+        size = sum(math.prod(t.shape) * (4 if t.dtype == "float32" else 2) for t in spec.tensors.values())
+        return int(size * 1.1) + (1 << 20)
 
     def acknowledge(self, r: int, records: list) -> None:
         """Tell each sender of a now-durable update that it is counted (after the group commit,

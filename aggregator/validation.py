@@ -248,13 +248,21 @@ def _check_names(names: Any, spec: UpdateSpec, client: str | None) -> None:
     want = set(spec.tensors)
     if got == want:
         return
-    missing, extra = sorted(want - got), sorted(got - want)
+    missing, extra = sorted(want - got), _sorted_any(got - want)
     parts = []
     if missing:
         parts.append(f"missing {_preview(missing)}")
     if extra:
         parts.append(f"unexpected {_preview(extra)}")
     raise InvalidUpdate("names", "; ".join(parts), client=client)
+
+
+def _sorted_any(names: set[Any]) -> list[Any]:
+    """Sorted names; keys of mixed types (a str and an int) are ordered by repr, not a TypeError."""
+    try:
+        return sorted(names)
+    except TypeError:
+        return sorted(names, key=repr)
 
 
 def _preview(names: list[Any], limit: int = 5) -> str:

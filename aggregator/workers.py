@@ -81,7 +81,8 @@ class IngestWorker:
         ep_cfg = EndpointConfig(max_message_bytes=pc.max_packet_bytes, spill_dir=str(self.state_dir),
                                 up_topics="explicit", instance=f"ingest-{index}",
                                 shared_blob_dir=str(self.state_dir / "outgoing"), **chunking)
-        self.endpoint = Endpoint(pc.identity, pc.directory, broker_config_for(pc, **config.broker), ep_cfg)
+        broker = broker_config_for(pc, **{"instance": f"ingest-{index}", **config.broker})
+        self.endpoint = Endpoint(pc.identity, pc.directory, broker, ep_cfg)
         ctx = ServerContext(str(self.state_dir), config.seed, config.models, config.public_data, config.llm)
         self.algorithm = registry.get(config.algorithm).server(config.algorithm_config, ctx)
         self.rule = aggregation_rule(self.algorithm, config.aggregation)
@@ -139,6 +140,8 @@ class IngestWorker:
                                   self.cfg.ingest_settings(), worker=self.index, shard=self.mine)
         self.intake.current_round = r
         self.endpoint.set_round_floor(r)
+        limit = self.intake.blob_limit(spec)
+        self.endpoint.blob_limit = lambda sender: limit
         event("worker_round", round=r, worker=self.index, clients=ingest.book.n_selected, replayed=ingest.replayed)
         closing = {"checked": 0.0}
 

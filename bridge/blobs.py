@@ -21,11 +21,15 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import BlobIntegrityError, MalformedMessage
+from .errors import BlobIntegrityError, MalformedMessage, OversizedMessage
 from .messages import BlobRef
 
 DEFAULT_CHUNK_SIZE = 256 * 1024
 DEFAULT_SPILL_THRESHOLD = 16 * 1024 * 1024
+#: what a receiver accepts to reassemble, whatever a chunk header declares: the per-chunk
+#: bookkeeping (one byte per chunk) and the sparse spill file are sized from these numbers
+MAX_BLOB_BYTES = 1 << 40
+MAX_BLOB_CHUNKS = 1 << 22
 
 
 def sha256_bytes(data: bytes | memoryview) -> str:
@@ -145,6 +149,10 @@ class Assembly:
 
     def __init__(self, ref: BlobRef, spill_dir: str | os.PathLike | None = None,
                  spill_threshold: int = DEFAULT_SPILL_THRESHOLD):
+        if ref.size > MAX_BLOB_BYTES or ref.total_chunks > MAX_BLOB_CHUNKS:
+            raise OversizedMessage(
+                f"blob {ref.sha256[:12]} of {ref.size} bytes in {ref.total_chunks} chunks is over "
+                f"the receiver's limit ({MAX_BLOB_BYTES} bytes, {MAX_BLOB_CHUNKS} chunks)")
         self.ref = ref
         self.total = ref.total_chunks
         self._have = bytearray(self.total)  # 0/1 per chunk
@@ -159,9 +167,12 @@ class Assembly:
             os.ftruncate(fd, ref.size)  # sparse: costs no disk until written
             self._fd: int | None = fd
             self._path: Path | None = Path(name)
-            self._buf: bytearray | None = None
+            self._parts: dict[int, bytes] | None = None
         else:
-            self._fd, self._path, self._buf = None, None, bytearray(ref.size)
+            # chunks are kept as they come, not in a buffer of the declared size: memory follows
+            # what the sender really sent, whatever size its (authenticated) header claims
+            self._fd, self._path, self._parts = None, None, {}
+        self.received_bytes = 0
 
     def expected_len(self, index: int) -> int:
         if index < self.total - 1:
@@ -179,12 +190,13 @@ class Assembly:
         if self._have[index]:
             return False
         offset = index * self.ref.chunk_size
-        if self._buf is not None:
-            self._buf[offset:offset + len(data)] = data
+        if self._parts is not None:
+            self._parts[index] = bytes(data)
         else:
             os.pwrite(self._fd, data, offset)
         self._have[index] = 1
         self.received += 1
+        self.received_bytes += len(data)
         self.last_progress = time.monotonic()
         if index == self._hashed:
             self._hasher.update(data)
@@ -196,11 +208,15 @@ class Assembly:
         while self._hashed < self.total and self._have[self._hashed]:
             offset = self._hashed * self.ref.chunk_size
             n = self.expected_len(self._hashed)
-            if self._buf is not None:
-                self._hasher.update(memoryview(self._buf)[offset:offset + n])
+            if self._parts is not None:
+                self._hasher.update(self._parts[self._hashed])
             else:
                 self._hasher.update(os.pread(self._fd, n, offset))
             self._hashed += 1
+
+    @property
+    def in_memory(self) -> bool:
+        return self._parts is not None
 
     @property
     def complete(self) -> bool:
@@ -216,11 +232,11 @@ class Assembly:
             raise BlobIntegrityError(f"blob {self.ref.sha256[:12]} incomplete: {len(self.missing())} chunks missing")
         self._catch_up()
         digest = self._hasher.hexdigest()
-        if self._buf is not None:
-            data, self._buf = self._buf, None
+        if self._parts is not None:
+            parts, self._parts = self._parts, None
             if digest != self.ref.sha256:
                 raise BlobIntegrityError(f"blob {self.ref.sha256[:12]} failed its SHA-256 check")
-            return BlobResult(self.ref, data=data)
+            return BlobResult(self.ref, data=b"".join(parts[i] for i in range(self.total)))
         os.close(self._fd)
         self._fd = None
         if digest != self.ref.sha256:
@@ -236,4 +252,4 @@ class Assembly:
             self._fd = None
         if self._path is not None:
             self._path.unlink(missing_ok=True)
-        self._buf = None
+        self._parts = None

@@ -40,7 +40,10 @@ from .envelope import BROADCAST, ENVELOPE_OVERHEAD, Header, ReplayGuard, Sealer,
 from .errors import (
     BlobIntegrityError,
     BridgeError,
+    ConfigurationError,
     MalformedMessage,
+    RateLimited,
+    ResourceLimit,
     StaleRound,
     TamperedMessage,
     TransportError,
@@ -76,15 +79,32 @@ class EndpointConfig:
     #: a second process of the same party (an ingest worker) needs its own MQTT client id and
     #: must not announce the party's presence
     instance: str | None = None
+    #: receiver limits (one party can never make this endpoint hold more than these): the size
+    #: of one incoming blob (None: ``blob_limit`` or unbounded), transfers held per sender
+    #: (incomplete or complete-but-not-taken), bytes held in memory by incoming transfers in
+    #: total, frames parked while their content key travels (clients only)
+    max_blob_bytes: int | None = None
+    max_blobs_per_sender: int = 4
+    max_inflight_bytes: int = 512 * 1024 * 1024
+    max_parked_bytes: int = 64 * 1024 * 1024
+    #: per-sender allowance on the aggregator's up topics (frames per second, burst), checked
+    #: before any cryptography; 0 disables it
+    rate_per_sender: float = 500.0
+    rate_burst: int = 4000
     #: a directory shared by the aggregator's processes: blobs the service sends are kept there
     #: so that an ingest worker, which receives the clients' chunk requests, can resend them
     shared_blob_dir: str | None = None
 
     def __post_init__(self) -> None:
+        for name in ("max_message_bytes", "max_blobs_per_sender", "max_inflight_bytes", "max_parked_bytes",
+                     "parked_frames", "publish_window"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ConfigurationError(f"{name} must be a positive integer, got {value!r}")
         if self.chunk_size <= 0:
-            raise ValueError("chunk_size must be > 0")
+            raise ConfigurationError("chunk_size must be > 0")
         if self.chunk_size + ENVELOPE_OVERHEAD > self.max_message_bytes:
-            raise ValueError(
+            raise ConfigurationError(
                 f"chunk_size {self.chunk_size} + envelope overhead {ENVELOPE_OVERHEAD} exceeds max_message_bytes "
                 f"{self.max_message_bytes}: lower chunk_size (brokers such as AWS IoT allow 128 KB per message)")
 
@@ -136,6 +156,12 @@ class Endpoint:
         self._lock = threading.RLock()
         self._parked: dict[str, deque] = {}
         self._parked_count = 0
+        self._parked_bytes = 0
+        #: the largest incoming blob accepted from ``sender`` (set by the aggregator per round
+        #: from the update spec); None: ``config.max_blob_bytes``
+        self.blob_limit = None
+        self._buckets: dict[str, list[float]] = {}  # sender -> [tokens, last refill]
+        self._log_quiet: dict[tuple[str, str | None], float] = {}
         status_topic = self.topics.status(self.me)
         instance = self.config.instance
         presence = {} if instance else {"will": (status_topic, _presence("offline")),
@@ -349,7 +375,14 @@ class Endpoint:
     def _reject(self, exc: BridgeError, topic: str, sender: str | None = None) -> None:
         self.rejected[exc.code] += 1
         self.recent_errors.append(f"{exc.code}: {exc}")
-        log.warning("%s rejected a frame on %s: %s: %s", self.me, topic, exc.__class__.__name__, exc)
+        # one log line per (code, sender) per 10 s: a flood must not cost a line per frame
+        key, now = (exc.code, sender), time.monotonic()
+        if now - self._log_quiet.get(key, -1e9) >= 10.0:
+            if len(self._log_quiet) > 10_000:
+                self._log_quiet.clear()
+            self._log_quiet[key] = now
+            log.warning("%s rejected a frame on %s: %s: %s (more of the same within 10 s are counted, not "
+                        "logged)", self.me, topic, exc.__class__.__name__, exc)
         if self.on_reject is not None:
             try:
                 self.on_reject(exc, sender)
@@ -366,6 +399,10 @@ class Endpoint:
             self._on_presence(party, payload)
             return
         sender = party if kind == "up" else None
+        if sender is not None and self.config.rate_per_sender > 0 and not self._allow(sender):
+            self._reject(RateLimited(f"{sender} sends faster than {self.config.rate_per_sender:g} frames/s"),
+                         topic, sender)
+            return
         try:
             opened = self.sealer.open(payload)
             h = opened.header
@@ -381,7 +418,10 @@ class Endpoint:
             if msg.TYPE != h.type:
                 raise MalformedMessage(f"envelope says {h.type!r} but body is {msg.TYPE!r}")
         except UnknownKey as exc:
-            self._park(exc.kid, topic, payload)
+            if self.role == "aggregator":  # clients never send under a content key
+                self._reject(exc, topic, sender)
+            else:
+                self._park(exc.kid, topic, payload)
             return
         except BridgeError as exc:
             self._reject(exc, topic, sender)
@@ -417,16 +457,19 @@ class Endpoint:
 
     def _park(self, kid: str, topic: str, payload: bytes) -> None:
         with self._lock:
-            if self._parked_count >= self.config.parked_frames:
-                self._reject(BridgeError(f"parked-frame buffer full; dropped a frame for key {kid[:8]}"), topic)
+            if (self._parked_count >= self.config.parked_frames
+                    or self._parked_bytes + len(payload) > self.config.max_parked_bytes):
+                self._reject(ResourceLimit(f"parked-frame buffer full; dropped a frame for key {kid[:8]}"), topic)
                 return
             self._parked.setdefault(kid, deque()).append((topic, payload))
             self._parked_count += 1
+            self._parked_bytes += len(payload)
 
     def _unpark(self, kid: str) -> None:
         with self._lock:
             frames = self._parked.pop(kid, deque())
             self._parked_count -= len(frames)
+            self._parked_bytes -= sum(len(p) for _, p in frames)
         for topic, payload in frames:
             self._on_frame(topic, payload)
 
@@ -445,6 +488,8 @@ class Endpoint:
             ref = BlobRef(h.blob, h.bsize, h.csize)
         except ValueError as exc:
             raise MalformedMessage(f"bad blob reference in chunk header: {exc}") from None
+        if (h.sender, ref.sha256) not in self._incoming:
+            self._admit(h, ref)  # before anything is held for it
         inc = self._incoming_for(ref, h.sender, h.round)
         if inc.done.is_set():
             return  # a late duplicate of a finished blob
@@ -454,6 +499,40 @@ class Endpoint:
         a.add(h.chunk, data)
         if a.complete:
             self._complete(inc)
+
+    def _admit(self, h: Header, ref: BlobRef) -> None:
+        """A new incoming transfer: its (authenticated) declared size and chunking must be
+        plausible and within what this endpoint gives one sender."""
+        limit = self.blob_limit(h.sender) if callable(self.blob_limit) else self.config.max_blob_bytes
+        if limit is not None and ref.size > limit:
+            raise ResourceLimit(f"blob {ref.sha256[:12]} from {h.sender} declares {ref.size} bytes; "
+                                f"at most {limit} are expected")
+        if ref.chunk_size > self.config.max_message_bytes or (
+                ref.size > ref.chunk_size and ref.chunk_size < 1024):
+            raise MalformedMessage(f"blob {ref.sha256[:12]} declares an implausible chunk size {ref.chunk_size}")
+        with self._lock:
+            held = [i for (s, _), i in self._incoming.items() if s == h.sender]
+            if len(held) >= self.config.max_blobs_per_sender:
+                raise ResourceLimit(f"{h.sender} already has {len(held)} transfers open or not taken")
+            in_memory = sum(i.assembly.received_bytes for i in self._incoming.values()
+                            if i.assembly.in_memory and not i.done.is_set())
+        if in_memory + min(ref.size, self.config.spill_threshold) > self.config.max_inflight_bytes:
+            raise ResourceLimit(f"{in_memory} bytes of transfers in flight; blob from {h.sender} refused")
+
+    def _allow(self, sender: str) -> bool:
+        """Token bucket per sender: ``rate_per_sender`` frames/s, ``rate_burst`` at once."""
+        now = time.monotonic()
+        b = self._buckets.get(sender)
+        if b is None:
+            if len(self._buckets) > 100_000:  # bounded: forget the idle ones
+                self._buckets.clear()
+            b = self._buckets[sender] = [float(self.config.rate_burst), now]
+        b[0] = min(float(self.config.rate_burst), b[0] + (now - b[1]) * self.config.rate_per_sender)
+        b[1] = now
+        if b[0] < 1.0:
+            return False
+        b[0] -= 1.0
+        return True
 
     def _complete(self, inc: _Incoming) -> None:
         try:
@@ -562,15 +641,17 @@ def _presence(state: str) -> bytes:
 
 
 def broker_config_for(pc, *, host: str | None = None, port: int | None = None, tls: bool | None = None,
-                      auth: str = "mtls", protocol: str = "auto") -> BrokerConfig:
+                      auth: str = "mtls", protocol: str = "auto", instance: str | None = None) -> BrokerConfig:
     """The MQTT connection settings of a provisioned party.
 
     ``auth="mtls"``: the party's client certificate (the default); ``auth="password"``: the
     password listener (server-authenticated TLS plus the party's broker password, for devices
     that cannot hold a client certificate); ``tls=False``: plain TCP, for the embedded broker.
-    The envelope protects payloads end to end in every case."""
+    The envelope protects payloads end to end in every case. ``instance``: a second process of
+    the aggregator (``ingest-<k>``) connects with its own certificate from ``instances/``: the
+    broker makes the certificate identity the client id, so processes must not share one."""
     if auth not in ("mtls", "password"):
-        raise ValueError(f"auth must be 'mtls' or 'password', got {auth!r}")
+        raise ConfigurationError(f"auth must be 'mtls' or 'password', got {auth!r}")
     use_tls = pc.tls if tls is None else tls
     if auth == "password":
         if not pc.password or not pc.password_port:
@@ -579,9 +660,16 @@ def broker_config_for(pc, *, host: str | None = None, port: int | None = None, t
         return BrokerConfig(host=host or pc.host, port=port or pc.password_port, protocol=protocol,
                             username=pc.party_id, password=pc.password,
                             tls=TLSConfig(str(pc.ca_cert)) if use_tls else None)
+    cert, key = pc.client_cert, pc.client_key
+    if instance is not None and use_tls:
+        d = Path(pc.path).parent / "instances"
+        cert, key = d / f"{instance}.crt", d / f"{instance}.key"
+        if not cert.is_file() or not key.is_file():
+            raise BridgeError(f"{pc.party_id}: no broker identity for {instance} in {d}; provision the "
+                              "federation with aggregator_instances (cotune provision --ingest-workers N)")
     return BrokerConfig(
         host=host or pc.host, port=port or pc.port, protocol=protocol,
-        tls=TLSConfig(str(pc.ca_cert), str(pc.client_cert), str(pc.client_key)) if use_tls else None)
+        tls=TLSConfig(str(pc.ca_cert), str(cert), str(key)) if use_tls else None)
 
 
 def load_endpoint(party_config: str | os.PathLike, config: EndpointConfig | None = None, **broker_overrides) -> Endpoint:

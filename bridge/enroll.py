@@ -80,6 +80,7 @@ from .provision import (
     _write_bytes,
     _write_text,
     acl_text,
+    instance_names,
     load_party_config,
     party_config_doc,
     set_password,
@@ -478,7 +479,8 @@ def revoke(fed_dir: str | os.PathLike, party_id: str) -> Record:
     _write_bytes(
         paths.crl, make_crl(ca_key, ca_cert, [(r.serial, r.revoked_at) for r in revoked]), 0o644
     )
-    _write_text(paths.acl, acl_text(paths.federation, agg_id, [r.party_id for r in revoked]), 0o644)
+    _write_text(paths.acl, acl_text(paths.federation, agg_id, [r.party_id for r in revoked],
+                                    instances=instance_names(paths, agg_id)), 0o644)
     set_password(paths, party_id, None)
     _give_broker_files(paths, _broker_user(), check=False)
     return rec

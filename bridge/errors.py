@@ -70,6 +70,25 @@ class OversizedMessage(BridgeError):
     code = "oversized"
 
 
+class ConfigurationError(BridgeError, ValueError):
+    """A setting of the wire (endpoint, broker connection, party config) is out of range."""
+
+    code = "config"
+
+
+class ResourceLimit(BridgeError):
+    """A sender asked for more than the receiver gives one party: a blob above the size the
+    receiver expects of that kind, too many transfers at once, too many bytes in flight."""
+
+    code = "resource_limit"
+
+
+class RateLimited(BridgeError):
+    """A sender's frames arrive faster than its allowance; the excess is dropped unopened."""
+
+    code = "rate_limited"
+
+
 class BlobIntegrityError(BridgeError):
     """A reassembled blob (or one of its chunks) does not match its content hash."""
 

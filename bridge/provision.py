@@ -44,6 +44,7 @@ import base64
 import grp
 import hashlib
 import ipaddress
+import logging
 import os
 import pwd
 import secrets
@@ -73,6 +74,8 @@ CERT_DAYS = 3650
 
 _FILE_MODE = 0o644
 _SECRET_MODE = 0o600
+
+log = logging.getLogger(__name__)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -239,11 +242,13 @@ class PartyConfig:
         return self.directory.aggregator()
 
 
-def load_party_config(path: str | os.PathLike) -> PartyConfig:
+def load_party_config(path: str | os.PathLike, *, strict: bool = False) -> PartyConfig:
     """Read ``parties/<id>/config.json`` (or the party directory holding it) and check that the
     identity, directory and TLS files it names exist and agree with each other: the identity
     is the one the party's certificate certifies, and (for a client) the aggregator's keys are
-    the ones the aggregator's certificate certifies under ``ca.crt``."""
+    the ones the aggregator's certificate certifies under ``ca.crt``. The TLS key must load
+    and match the certificate; a key file readable by others is refused with ``strict`` and
+    logged as a warning otherwise."""
     path = Path(path)
     if path.is_dir():
         path = path / "config.json"
@@ -274,7 +279,9 @@ def load_party_config(path: str | os.PathLike) -> PartyConfig:
         port = int(need(broker, "port", "broker."))
         pport = broker.get("password_port")
         pport = None if pport is None else int(pport)
-        max_packet = int(need(data, "max_packet_bytes"))
+        max_packet = need(data, "max_packet_bytes")
+        if isinstance(max_packet, bool) or not isinstance(max_packet, int) or max_packet < 1024:
+            raise ProvisioningError(f"{path}: max_packet_bytes must be an integer >= 1024, got {max_packet!r}")
     except (TypeError, ValueError) as exc:
         raise ProvisioningError(f"{path}: bad number ({exc})") from exc
     tls = broker.get("tls")
@@ -306,6 +313,7 @@ def load_party_config(path: str | os.PathLike) -> PartyConfig:
             raise ProvisioningError(
                 f"{path}: client certificate is for {common_name(mine)!r}, not {party_id!r}"
             )
+        _check_private_key(key, mine, strict=strict)
         bound = envelope_keys(mine, party_id)
         if bound is not None and bound != identity.public:
             raise ProvisioningError(
@@ -371,6 +379,31 @@ def _load_federation_directory(path: Path, doc: dict | None = None) -> Directory
     return directory
 
 
+class InsecureKeyFile(ProvisioningError):
+    """A private key file others can read (refused with ``strict``; a warning otherwise)."""
+
+    code = "insecure_key"
+
+
+def _check_private_key(path: Path, cert: x509.Certificate, *, strict: bool) -> None:
+    """The TLS key must load and belong to the certificate (a corrupt or foreign key would
+    only show up as an SSL error at connect time), and should not be readable by others."""
+    try:
+        key = serialization.load_pem_private_key(path.read_bytes(), password=None)
+    except (ValueError, TypeError) as exc:
+        raise ProvisioningError(f"{path}: not a usable PEM private key ({exc})") from None
+    spki = serialization.PublicFormat.SubjectPublicKeyInfo
+    pem = serialization.Encoding.PEM
+    if key.public_key().public_bytes(pem, spki) != cert.public_key().public_bytes(pem, spki):
+        raise ProvisioningError(f"{path}: this key does not belong to the party's certificate")
+    if os.name != "nt" and path.stat().st_mode & 0o077:
+        msg = (f"{path} is readable by other users (mode {path.stat().st_mode & 0o777:o}); "
+               f"chmod 600 it")
+        if strict:
+            raise InsecureKeyFile(msg)
+        log.warning("%s", msg)
+
+
 def _load_cert(path: Path) -> x509.Certificate:
     return _parse_cert(path.read_bytes(), path)
 
@@ -401,8 +434,14 @@ def provision(
     bind_host: str | None = None,
     cert_days: int = CERT_DAYS,
     check_access: bool = True,
+    aggregator_instances: int = 0,
 ) -> FederationPaths:
     """Write a new federation directory (see the module docstring) and return its paths.
+
+    ``aggregator_instances``: broker identities for that many aggregator ingest workers
+    (certificates ``<aggregator>~ingest-<k>`` in the aggregator's folder, ``instances/``). The
+    broker forces every connection's client id to its certificate identity, so two processes of
+    the aggregator need two identities (they share the envelope keys).
 
     ``password_port`` adds a second TLS listener that authenticates with the per-party passwords
     from the password file instead of client certificates (for clients that cannot do mTLS).
@@ -488,6 +527,7 @@ def provision(
         passwd_lines.append(f"{ident.party_id}:{mosquitto_password_hash(password)}")
 
     add(agg, agg_key, agg_cert)
+    instances = _write_instances(paths, agg, ca_key, ca_cert, aggregator_instances, cert_days)
     for client_id in clients:
         ident = Identity.generate(client_id, "client")
         key, cert = issue(
@@ -509,7 +549,7 @@ def provision(
         bind_host = host if host == "localhost" or _is_ip(host) else ""
     conf = mosquitto_conf(paths, max_packet_bytes, bind_host)
     _write_text(paths.mosquitto_conf, conf, _FILE_MODE)
-    _write_text(paths.acl, acl_text(federation, aggregator_id), _FILE_MODE)
+    _write_text(paths.acl, acl_text(federation, aggregator_id, instances=instances), _FILE_MODE)
     _write_text(paths.passwd, "\n".join(passwd_lines) + "\n", _SECRET_MODE)
     write_json(paths.federation_json, fed_doc)  # last: it declares the federation provisioned
     _give_broker_files(paths, broker_user, check_access)
@@ -629,6 +669,38 @@ def party_config_doc(
     }
 
 
+def instance_name(aggregator_id: str, index: int) -> str:
+    """The broker identity of aggregator ingest worker ``index``. '~' is outside the party-id
+    alphabet, so no device can ever enroll under it."""
+    return f"{aggregator_id}~ingest-{index}"
+
+
+def instance_names(paths: FederationPaths, aggregator_id: str) -> list[str]:
+    """The broker identities of the aggregator's ingest workers provisioned so far."""
+    d = paths.party_dir(aggregator_id) / "instances"
+    if not d.is_dir():
+        return []
+    ks = sorted(int(p.stem.split("-", 1)[1]) for p in d.glob("ingest-*.crt") if p.stem.split("-", 1)[1].isdigit())
+    return [instance_name(aggregator_id, k) for k in ks]
+
+
+def _write_instances(paths: FederationPaths, agg: Identity, ca_key, ca_cert, count: int,
+                     days: int) -> list[str]:
+    if count < 0:
+        raise ProvisioningError(f"aggregator_instances must be >= 0, got {count}")
+    out = paths.party_dir(agg.party_id) / "instances"
+    names = []
+    for k in range(count):
+        name = instance_name(agg.party_id, k)
+        key, cert = issue(ca_key, ca_cert, name, paths.federation, sans=(), server=False, days=days,
+                          identity=agg.public)
+        out.mkdir(mode=0o700, exist_ok=True)
+        _create(out / f"ingest-{k}.key", _key_pem(key), _SECRET_MODE)
+        _create(out / f"ingest-{k}.crt", cert.public_bytes(serialization.Encoding.PEM), _FILE_MODE)
+        names.append(name)
+    return names
+
+
 def _write_party(
     paths: FederationPaths,
     ident: Identity,
@@ -740,6 +812,9 @@ def mosquitto_conf(paths: FederationPaths, max_packet_bytes: int, bind_host: str
         *common_tls,
         "require_certificate true",
         "use_identity_as_username true",
+        "# the client id is the certificate identity, whatever the client asks for: a member",
+        "# can neither disconnect another party nor take over its persistent session",
+        "use_username_as_clientid true",
     ]
     if paths.password_port is not None:
         lines += [
@@ -749,11 +824,13 @@ def mosquitto_conf(paths: FederationPaths, max_packet_bytes: int, bind_host: str
             f"listener {paths.password_port} {bind_host}".rstrip(),
             *common_tls,
             "require_certificate false",
+            "use_username_as_clientid true",
         ]
     return "\n".join(lines) + "\n"
 
 
-def acl_text(federation: str, aggregator_id: str, revoked: Iterable[str] = ()) -> str:
+def acl_text(federation: str, aggregator_id: str, revoked: Iterable[str] = (), *,
+             instances: Iterable[str] = ()) -> str:
     """Mosquitto ACL for DESIGN.md's topic layout (usernames are party ids). Its size does not
     grow with the fleet: parties are granted by pattern; only revoked parties are listed.
 
@@ -776,6 +853,10 @@ def acl_text(federation: str, aggregator_id: str, revoked: Iterable[str] = ()) -
         "",
         f"user {aggregator_id}",
         f"topic readwrite {t.root}/#",
+    ]
+    for name in instances:  # the aggregator's ingest workers (their own broker identities)
+        lines += [f"user {name}", f"topic readwrite {t.root}/#"]
+    lines += [
         "",
         "# revoked parties: a user's deny is checked before any pattern",
     ]

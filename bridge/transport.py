@@ -27,7 +27,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from .errors import TransportError
+from .errors import ConfigurationError, TransportError
 
 log = logging.getLogger(__name__)
 
@@ -62,9 +62,9 @@ class BrokerConfig:
 
     def __post_init__(self) -> None:
         if self.protocol not in ("auto", "5", "3.1.1"):
-            raise ValueError(f"protocol must be 'auto', '5' or '3.1.1', got {self.protocol!r}")
+            raise ConfigurationError(f"protocol must be 'auto', '5' or '3.1.1', got {self.protocol!r}")
         if not 0 < self.port < 65536:
-            raise ValueError(f"bad broker port {self.port}")
+            raise ConfigurationError(f"bad broker port {self.port}")
 
 
 @dataclass

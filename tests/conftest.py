@@ -61,7 +61,8 @@ def federation() -> Iterator[FederationPaths]:
     root = _broker_dir()
     port, pport = free_ports(2)
     try:
-        yield provision(root / "fed", "testfed", FED_CLIENTS, port=port, password_port=pport)
+        yield provision(root / "fed", "testfed", FED_CLIENTS, port=port, password_port=pport,
+                        aggregator_instances=1)
     finally:
         shutil.rmtree(root, ignore_errors=True)
 

@@ -94,13 +94,17 @@ class Peer:
             assert self._cond.wait_for(lambda: mid in self._acks, T), f"no ack for mid {mid}"
             return self._acks.pop(mid)
 
-    def tls(self, fed: FederationPaths, party: str | None = None) -> Peer:
-        """TLS with the federation CA; with a client certificate when party is given."""
+    def tls(self, fed: FederationPaths, party: str | None = None, instance: str | None = None) -> Peer:
+        """TLS with the federation CA; with a client certificate when party is given (the
+        aggregator ingest worker identity ``instance`` when given)."""
         pdir = fed.party_dir(party) if party else None
+        cert = None
+        if pdir is not None:
+            cert = pdir / "instances" / f"{instance}.crt" if instance else pdir / "client.crt"
         self.client.tls_set(
             ca_certs=str(fed.ca_cert),
-            certfile=str(pdir / "client.crt") if pdir else None,
-            keyfile=str(pdir / "client.key") if pdir else None,
+            certfile=str(cert) if cert else None,
+            keyfile=str(cert.with_suffix(".key")) if cert else None,
         )
         return self
 
@@ -157,8 +161,8 @@ def peers():
 def party(mosquitto, federation, peers):
     """party("alice") -> a connected mTLS Peer for that party."""
 
-    def make(pid: str, **kw) -> Peer:
-        p = peers(federation.port, **kw).tls(federation, pid)
+    def make(pid: str, instance: str | None = None, **kw) -> Peer:
+        p = peers(federation.port, **kw).tls(federation, pid, instance)
         assert p.connect(), f"{pid} could not connect: {p.connack}\n{mosquitto.log_tail()}"
         return p
 
@@ -222,7 +226,9 @@ def test_client_cannot_write_another_clients_topics(federation, party):
 def test_shared_subscription_spreads_up_topics_over_aggregator_workers(federation, party):
     t = federation.topics
     w1 = party("aggregator")  # MQTT 3.1.1: Mosquitto serves $share to it as well
-    w2 = party("aggregator", protocol=mqtt.MQTTv5)
+    # a second process of the aggregator has a broker identity of its own (the client id is
+    # forced to the certificate identity, so one identity means one connection)
+    w2 = party("aggregator", instance="ingest-0", protocol=mqtt.MQTTv5)
     for w in (w1, w2):
         assert not w.subscribe(t.shared_up("ingest"))[0].is_failure
     alice = party("alice")
@@ -332,11 +338,12 @@ def test_add_client_to_a_running_broker(make_federation, peers):
     with MosquittoBroker(fed.mosquitto_conf) as broker:
         add_client(fed.root, "dave")
         broker.reload()  # password file and ACL; the certificate works without it
-        dave = peers(fed.port).tls(fed, "dave")
-        assert dave.connect()
         dave_pw = peers(fed.password_port).tls(fed)
         dave_pw.client.username_pw_set("dave", load_party_config(fed.party_dir("dave")).password)
         assert dave_pw.connect(), dave_pw.connack
+        dave_pw.client.disconnect()  # one identity, one connection: the broker forces the client id
+        dave = peers(fed.port).tls(fed, "dave")
+        assert dave.connect()
         agg = peers(fed.port).tls(fed, "aggregator")
         assert agg.connect()
         dave.subscribe(fed.topics.bcast)

@@ -40,7 +40,7 @@ def model(tiny_llama_path):
 
 @pytest.fixture
 def fed(make_federation):
-    paths = make_federation("fedtest", list(SHARDS))
+    paths = make_federation("fedtest", list(SHARDS), aggregator_instances=2)
     broker = MosquittoBroker(paths.mosquitto_conf).start()
     yield paths
     broker.stop()

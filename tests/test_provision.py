@@ -76,6 +76,8 @@ def test_layout_and_permissions(federation: FederationPaths):
     for pid in PARTIES:
         d = fed.party_dir(pid)
         assert mode(d) == 0o700
+        # the aggregator also holds its ingest workers' broker identities (the fixture asks for 1)
+        extra = {"instances"} if pid == "aggregator" else set()
         assert {p.name for p in d.iterdir()} == {
             "config.json",
             "identity.json",
@@ -83,9 +85,12 @@ def test_layout_and_permissions(federation: FederationPaths):
             "client.key",
             "ca.crt",
             "federation.json",
-        }
+        } | extra
         for secret in ("config.json", "identity.json", "client.key"):
             assert mode(d / secret) == 0o600, d / secret
+    inst = fed.party_dir("aggregator") / "instances"
+    assert sorted(p.name for p in inst.iterdir()) == ["ingest-0.crt", "ingest-0.key"]
+    assert mode(inst) == 0o700 and mode(inst / "ingest-0.key") == 0o600
     assert not list(fed.root.rglob("*.tmp")) and not list(fed.parties_dir.glob(".*"))
 
     doc = read_json(fed.federation_json)
@@ -241,6 +246,8 @@ def test_acl_file(federation: FederationPaths):
     # no per-client lines: the ACL does not grow with the fleet (revoked parties aside)
     assert lines == [
         "user aggregator",
+        "topic readwrite cotune/testfed/#",
+        "user aggregator~ingest-0",  # the aggregator's ingest worker (one per worker)
         "topic readwrite cotune/testfed/#",
         "pattern read cotune/testfed/bcast",
         "pattern read cotune/testfed/down/%u",

@@ -131,6 +131,7 @@ class WorkerConfig:
     port: int
     auth: str = "mtls"  # "mtls": per-device certificate; "password": shared CA context
     protocol: str = "5"  # "5" | "3.1.1"
+    tls: bool | None = None  # None: as provisioned; False: plain TCP (the envelope still protects)
     keepalive: int = 60
     seed: int = 0
     scale: float = 0.01
@@ -632,7 +633,7 @@ class Worker:
         dev = VirtualDevice(self, party, pc.identity, pc.directory, client)
         client.user_data_set(dev)
         client.max_inflight_messages_set(64)
-        if pc.tls:
+        if pc.tls and self.cfg.tls is not False:
             client.tls_set_context(self._tls_context(pc))
         if self.cfg.auth == "password":
             client.username_pw_set(party, pc.password)
