@@ -91,6 +91,10 @@ class EndpointConfig:
     #: before any cryptography; 0 disables it
     rate_per_sender: float = 500.0
     rate_burst: int = 4000
+    #: received frames waiting for the handler: in all (the network thread waits beyond), and
+    #: per up topic on the aggregator (that sender's excess is dropped; chunks are asked again)
+    queue_bytes: int = 256 * 1024 * 1024
+    per_sender_queue_bytes: int = 32 * 1024 * 1024
     #: a directory shared by the aggregator's processes: blobs the service sends are kept there
     #: so that an ingest worker, which receives the clients' chunk requests, can resend them
     shared_blob_dir: str | None = None
@@ -166,9 +170,13 @@ class Endpoint:
         instance = self.config.instance
         presence = {} if instance else {"will": (status_topic, _presence("offline")),
                                         "online": (status_topic, _presence("online"))}
+        # the aggregator's up topics are served fairly and each holds a bounded share of the
+        # receive queue: one member's backlog neither delays nor crowds out the others
+        fairness = {"per_topic_bytes": self.config.per_sender_queue_bytes,
+                    "droppable": self.topics.is_up} if self.role == "aggregator" else {}
         self.transport = MqttTransport(
             broker, client_id=f"{directory.federation}-{self.me}" + (f"-{instance}" if instance else ""),
-            handler=self._on_frame, **presence)
+            handler=self._on_frame, queue_bytes=self.config.queue_bytes, **fairness, **presence)
         self._stop = threading.Event()
         self._monitor: threading.Thread | None = None
 

@@ -32,6 +32,10 @@ class Topics:
     def up(self, client: str) -> str:
         return f"{self.root}/up/{client}"
 
+    def is_up(self, topic: str) -> bool:
+        """Whether ``topic`` is one of this federation's up topics (any client's)."""
+        return topic.startswith(f"{self.root}/up/")
+
     @property
     def bcast(self) -> str:
         return f"{self.root}/bcast"

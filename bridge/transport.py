@@ -14,8 +14,8 @@ consumer pushes back on the broker (TCP) instead of growing memory without bound
 
 from __future__ import annotations
 
+import collections
 import logging
-import queue
 import ssl
 import threading
 import time
@@ -76,6 +76,82 @@ class TransportStats:
     connects: int = 0
     disconnects: int = 0
     handler_errors: int = 0
+    dropped: int = 0  # frames of a droppable topic over its queue share
+
+
+class FairQueue:
+    """Frames waiting for the handler, served round-robin by topic: a topic with a backlog (one
+    member flooding its up topic) delays another topic's next frame by at most one frame of its
+    own, instead of by its whole backlog.
+
+    Bounded: ``max_bytes`` in all, beyond which the network thread waits (back-pressure, for
+    trusted traffic); a topic ``droppable`` accepts (the aggregator's up topics) holds at most
+    ``per_topic_bytes``, beyond which its new frames are dropped and counted (a sender's lost
+    chunks are asked for again by the receiver's resume logic)."""
+
+    def __init__(self, max_bytes: int = 256 << 20, per_topic_bytes: int | None = None,
+                 droppable: Callable[[str], bool] | None = None) -> None:
+        self.max_bytes, self.per_topic_bytes, self.droppable = max_bytes, per_topic_bytes, droppable
+        self._topics: dict[str, collections.deque] = {}
+        self._sizes: dict[str, int] = {}
+        self._order: collections.deque = collections.deque()
+        self._bytes = 0
+        self._closed = False
+        self._cv = threading.Condition()
+        self.dropped = 0
+        self.peak_bytes = 0
+
+    def put(self, topic: str, payload: bytes, *, stop: Callable[[], bool] = lambda: False) -> bool:
+        n = len(payload)
+        with self._cv:
+            if (self.per_topic_bytes is not None and self.droppable is not None
+                    and self._sizes.get(topic, 0) + n > self.per_topic_bytes and self.droppable(topic)):
+                self.dropped += 1
+                return False
+            while self._bytes + n > self.max_bytes and self._bytes > 0 and not stop():
+                self._cv.wait(0.1)
+            q = self._topics.get(topic)
+            if q is None:
+                q = self._topics[topic] = collections.deque()
+                self._order.append(topic)
+            q.append(payload)
+            self._sizes[topic] = self._sizes.get(topic, 0) + n
+            self._bytes += n
+            self.peak_bytes = max(self.peak_bytes, self._bytes)
+            self._cv.notify_all()
+            return True
+
+    def get(self) -> tuple[str, bytes] | None:
+        """The next frame, round-robin over topics; None once closed."""
+        with self._cv:
+            while not self._order and not self._closed:
+                self._cv.wait()
+            if self._closed:
+                return None
+            topic = self._order.popleft()
+            q = self._topics[topic]
+            payload = q.popleft()
+            if q:
+                self._order.append(topic)
+                self._sizes[topic] -= len(payload)
+            else:
+                del self._topics[topic], self._sizes[topic]
+            self._bytes -= len(payload)
+            self._cv.notify_all()
+            return topic, payload
+
+    def drain(self) -> None:
+        with self._cv:
+            self._topics.clear()
+            self._sizes.clear()
+            self._order.clear()
+            self._bytes = 0
+            self._cv.notify_all()
+
+    def close(self) -> None:
+        with self._cv:
+            self._closed = True
+            self._cv.notify_all()
 
 
 class MqttTransport:
@@ -83,14 +159,15 @@ class MqttTransport:
 
     def __init__(self, config: BrokerConfig, client_id: str, handler: Handler, *,
                  will: tuple[str, bytes] | None = None, online: tuple[str, bytes] | None = None,
-                 queue_size: int = 256):
+                 queue_bytes: int = 256 << 20, per_topic_bytes: int | None = None,
+                 droppable: Callable[[str], bool] | None = None):
         self.config, self.client_id, self.handler = config, client_id, handler
         self.will, self.online = will, online
         self.stats = TransportStats()
         self.protocol_in_use: str | None = None
         self.broker_max_packet: int | None = None
         self._subs: dict[str, int] = {}
-        self._queue: queue.Queue = queue.Queue(maxsize=queue_size)
+        self._queue = FairQueue(queue_bytes, per_topic_bytes, droppable)
         self._connected = threading.Event()
         self._connack: tuple[bool, str] | None = None
         self._connack_event = threading.Event()
@@ -188,17 +265,13 @@ class MqttTransport:
         # stop must stop within seconds; the protocol re-asks for anything unanswered (Tasks
         # are re-sent on restart and answered from the client's cache)
         self._drain()
-        self._queue.put(None)
+        self._queue.close()
         if self._worker is not None:
             self._worker.join(timeout=5)
         self._connected.clear()
 
     def _drain(self) -> None:
-        try:
-            while True:
-                self._queue.get_nowait()
-        except queue.Empty:
-            pass
+        self._queue.drain()
 
     # -- paho callbacks (network thread) ---------------------------------------------------
     def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
@@ -228,7 +301,8 @@ class MqttTransport:
         self.stats.bytes_in += len(msg.payload)
         if self._closing:
             return
-        self._queue.put((msg.topic, msg.payload))  # blocks when full: back-pressure
+        if not self._queue.put(msg.topic, msg.payload, stop=lambda: self._closing):
+            self.stats.dropped += 1  # a droppable topic over its share (see FairQueue)
 
     def _work(self) -> None:
         while True:
