@@ -330,3 +330,37 @@ def test_buffered_rounds_over_the_wire_apply_staleness_weighted_deltas(fed, mode
     # the third client was still training when the first buffer filled: its update arrived a
     # version late and was used with its staleness weight, not dropped
     assert seen_stale
+
+
+def test_a_member_claiming_a_billion_examples_does_not_own_the_average(fed, model, tmp_path):
+    """num_examples is self-reported and is the FedAvg weight: capped by max_num_examples."""
+    work = tmp_path / "clients"
+    _, threads = _start_clients(fed, model, ["alice", "bob"], work)
+    cap = 7
+    cfg = _config(fed, model, tmp_path / "agg", rounds=1, round_deadline_s=60, wait_for_clients_s=5,
+                  max_num_examples=cap)
+    svc = AggregatorService(cfg, progress=None)
+    runner = threading.Thread(target=svc.run, daemon=True)
+    runner.start()
+    carol = load_endpoint(fed.party_config("carol")).start()
+    try:
+        got = carol.recv(timeout=30)
+        assert isinstance(got.message, Task)
+        mine = {k: (v.astype(np.float32) + 0.5).astype(v.dtype) for k, v in _expected_shapes(carol, got.message).items()}
+        liar = Update(round=1, algorithm="fedavg", num_examples=10**9, tensors=mine)
+        carol.send("aggregator", liar, round=1)
+        runner.join(90)
+    finally:
+        carol.close()
+        for t in threads:
+            t.join(60)
+    updates = [_sent_update(work, c, 1) for c in ("alice", "bob")] + [liar]
+    weights = [min(u.num_examples, cap) for u in updates]
+    expected = {n: sum(u.tensors[n].astype(np.float64) * w for u, w in zip(updates, weights, strict=True))
+                / sum(weights) for n in mine}
+    with StateStore(tmp_path / "agg" / "state.db") as store:
+        rs = store.load_round(1, with_partial=False)
+        assert rs.accepted == ["alice", "bob", "carol"]
+        got = store.load_global(rs.info.global_digest).tensors
+    for n in expected:
+        np.testing.assert_allclose(got[n], expected[n], rtol=1e-5, atol=1e-6)
