@@ -24,7 +24,8 @@ step, which is what ``s`` is for. Dividing by ``sum_i s(tau_i) d_i`` instead wou
 staleness shared by the whole buffer (with ``K = 1``, FedAsync-style, ``s`` would have no effect
 at all). With example weighting the rule is FedAvg's sample-weighted mean of the deltas, each
 scaled by its ``s(tau)``; with ``tau = 0`` everywhere and ``server_lr = 1`` a full buffer of
-every client is exactly one synchronous FedAvg round.
+every client is one synchronous FedAvg round (exactly with an fp32 wire; with fp16/bf16 the
+buffered global also keeps the float32 residual that broadcasting in the wire dtype drops).
 
 Which tensors are deltas: FedAvg-LoRA (and every algorithm built on its round plumbing:
 FedCoLLM, FedPT, FedBiOT) uploads the client's *full* adapter state in the wire dtype, and its

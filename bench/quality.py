@@ -313,17 +313,20 @@ class Bench:
 
         sync_nll: list[float] = []
 
+        sync_domains: list[dict] = []
+
         def after_round(rnd, state, server):
-            sync_nll.append(self.mean(evaluate(state)))
+            sync_domains.append({d: v["nll"] for d, v in evaluate(state).items()})
+            sync_nll.append(sum(sync_domains[-1].values()) / n)
             self.say(f"sync FedAvg round {rnd}: test NLL {sync_nll[-1]:.4f}")
 
         sync = simulate("fedavg", self.s["fedavg"], self._server_ctx(), self._clients(), rounds,
                         progress=None, after_round=after_round, timing=timing)
         t, curve = 0.0, [{"updates": 0, "sim_time": 0.0, "nll": self.mean(base)}]
-        for rec, nll in zip(sync.rounds, sync_nll, strict=True):
+        for rec, nll, per in zip(sync.rounds, sync_nll, sync_domains, strict=True):
             t += rec.sim_seconds
             curve.append({"round": rec.round, "updates": rec.round * n, "sim_time": round(t, 2),
-                          "nll": nll})
+                          "nll": nll, "nll_by_domain": per})
         r["sync_curve"], r["sync_sim_seconds"] = curve, t
         r["slm_fedavg"] = self._final_slm(sync)
         r["slm_fedavg_global"] = evaluate(sync.state)
@@ -331,8 +334,10 @@ class Bench:
         acurve = [{"version": 0, "updates": 0, "sim_time": 0.0, "nll": self.mean(base)}]
 
         def after_version(rec, state, server):
+            per = {d: v["nll"] for d, v in evaluate(state).items()}
             acurve.append({"version": rec.version, "updates": rec.updates,
-                           "sim_time": round(rec.sim_time, 2), "nll": self.mean(evaluate(state)),
+                           "sim_time": round(rec.sim_time, 2), "nll": sum(per.values()) / n,
+                           "nll_by_domain": per, "clients": rec.clients,
                            "staleness": {str(k): v for k, v in rec.staleness.items()}})
             self.say(f"FedBuff version {rec.version}: {rec.updates} updates at "
                      f"t={rec.sim_time:.0f}s, staleness {rec.staleness}, "
@@ -346,6 +351,7 @@ class Bench:
         r["async_run"] = {"accepted": res.accepted, "rejected": res.rejected,
                           "dropped": res.dropped, "unapplied": res.unapplied,
                           "sim_time": res.sim_time,
+                          "updates_by_client": {p: len(m) for p, m in res.clients.items()},
                           "speeds": res.speeds, "stragglers": res.stragglers}
         self.say(f"FedBuff: {res.accepted} updates, {len(res.versions)} versions, rejected "
                  f"{res.rejected}, t={res.sim_time:.0f}s (sync: {t:.0f}s)")
@@ -528,7 +534,8 @@ def main() -> int:
     # peft warns that an adapter on a tied LM head complicates *merging*; nothing merges here
     warnings.filterwarnings("ignore", message=".*tie_word_embeddings.*")
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--algorithm", default="fedcollm,fedpt", help="comma-separated: fedcollm, fedpt, fedbiot, fedmkt")
+    ap.add_argument("--algorithm", default="fedcollm,fedpt",
+                    help="comma-separated: fedcollm, fedpt, fedbiot, fedmkt; or fedavg with --async")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--rounds", type=int, default=None)
     ap.add_argument("--threads", type=int, default=2)
