@@ -412,6 +412,8 @@ class Endpoint:
                          topic, sender)
             return
         try:
+            if sender is not None:
+                self._precheck(sender, payload)
             opened = self.sealer.open(payload)
             h = opened.header
             self.bytes_from[h.sender] += len(payload)
@@ -507,6 +509,20 @@ class Endpoint:
         a.add(h.chunk, data)
         if a.complete:
             self._complete(inc)
+
+    def _precheck(self, sender: str, payload: bytes) -> None:
+        """Refusals the (not yet authenticated) header alone justifies, before any signature
+        or decryption work, on the aggregator's up topics: a frame no honest client sends
+        (content-key frames, a blob above the round's limit) costs a header parse, not a hash
+        of its whole body and a signature check."""
+        h = self.sealer.parse(payload)[0]
+        if h.kid is not None:
+            raise MalformedMessage(f"{sender} sent a frame under a content key; clients never do")
+        if h.type == CHUNK and h.blob and (sender, h.blob) not in self._incoming:
+            limit = self.blob_limit(sender) if callable(self.blob_limit) else self.config.max_blob_bytes
+            if limit is not None and h.bsize > limit:
+                raise ResourceLimit(f"blob {h.blob[:12]} from {sender} declares {h.bsize} bytes; "
+                                    f"at most {limit} are expected")
 
     def _admit(self, h: Header, ref: BlobRef) -> None:
         """A new incoming transfer: its (authenticated) declared size and chunking must be

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import heapq
 import json
 import os
 import resource
@@ -142,6 +143,8 @@ class WorkerConfig:
     record_path: str | None = None  # JSONL: one line per update sent
     blobs_dir: str | None = None  # keep every blob received (by hash), for checks
     index: int = 0
+    answer_delay_s: float = 0.0  # answer a Task this long after it could be answered
+    final_delay_s: float = 0.0  # report on the final model this long after it could
 
 
 @dataclass
@@ -151,6 +154,7 @@ class WorkerStats:
     connected: int = 0
     connects: int = 0
     disconnects: int = 0
+    drops: int = 0  # disconnects this side did not ask for (broker closed, network, takeover)
     tasks: int = 0
     updates_sent: int = 0
     update_bytes: int = 0
@@ -392,7 +396,12 @@ class VirtualDevice:
         waiting = []
         for job in self.jobs:
             if all(self.holds(r.sha256) for r in job.refs.values()):
-                self.run_job(job)
+                cfg = self.worker.cfg
+                delay = cfg.answer_delay_s if job.kind == "task" else cfg.final_delay_s
+                if delay > 0:
+                    self.worker.later(delay, self, job)
+                else:
+                    self.run_job(job)
             else:
                 for r in job.refs.values():
                     if not self.holds(r.sha256):
@@ -489,6 +498,7 @@ def _on_disconnect(client, dev: VirtualDevice, flags, reason_code, properties) -
     dev.connected = False
     w.stats.disconnects += 1
     if not w.stopping:
+        w.stats.drops += 1
         dev.next_retry = time.monotonic() + dev.backoff
         dev.backoff = min(30.0, dev.backoff * 2)
 
@@ -540,6 +550,7 @@ class Worker:
         self.stopping = False
         self._in_flight: dict[tuple[str, str], float] = {}
         self.deferred: deque = deque()
+        self.delayed: list = []  # (due, seq, device, job): answers held back (answer_delay_s)
         self._specs: dict[str, dict] = {}
         self._sizes: dict[str, int] = {}
         self._record = open(cfg.record_path, "a", encoding="utf-8") if cfg.record_path else None
@@ -571,6 +582,18 @@ class Worker:
     def upload_done(self, dev: VirtualDevice, digest: str) -> None:
         self._in_flight.pop((dev.party, digest), None)
         self._run_deferred()
+
+    def later(self, delay_s: float, dev: VirtualDevice, job: _Job) -> None:
+        heapq.heappush(self.delayed, (time.monotonic() + delay_s, id(job), dev, job))
+
+    def run_due(self) -> float:
+        """Run the held-back answers that are due; returns seconds until the next one (1.0 if
+        none)."""
+        now = time.monotonic()
+        while self.delayed and self.delayed[0][0] <= now:
+            _, _, dev, job = heapq.heappop(self.delayed)
+            dev.run_job(job)
+        return self.delayed[0][0] - now if self.delayed else 1.0
 
     @property
     def uploads_in_flight(self) -> int:
@@ -753,7 +776,8 @@ def worker_main(cfg: WorkerConfig, emit, stop_fd: int | None = None) -> None:
                 report()
                 last_report = time.monotonic()
         while not stop[0]:
-            w.poll(0.05)
+            w.poll(max(0.0, min(0.05, w.run_due())))
+            w.run_due()
             now = time.monotonic()
             if now - last_sweep > 1.0:
                 w.sweep()

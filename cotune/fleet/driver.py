@@ -105,6 +105,13 @@ class FleetOptions:
     progress: bool = True
     aggregator_cmd: list[str] | None = None  # default: python -m cotune aggregator serve
     keep_blobs: bool = False  # devices keep every blob they received under work_dir/blobs
+    #: members provisioned beside the simulated devices but not run by them (a caller's own
+    #: client, e.g. a hostile member in bench/abuse.py); they count as registered clients
+    extra_parties: list[str] = field(default_factory=list)
+    #: settings merged into the generated aggregator.json (e.g. ``wait_for_clients_s``)
+    aggregator_overrides: dict | None = None
+    answer_delay_s: float = 0.0  # devices answer a Task this long after they can
+    final_delay_s: float = 0.0  # ... and report on the final model this long after they can
 
 
 @dataclass
@@ -151,10 +158,14 @@ class FleetRun:
 
 
 class RunContext:
-    """What a hook sees after the rounds (broker still running, aggregator stopped)."""
+    """What a hook sees: ``during`` right after the aggregator process started (``aggregator``
+    is its Popen, ``state_dir`` its state directory), ``after`` once the rounds are over (broker
+    still running, aggregator stopped)."""
 
-    def __init__(self, paths, broker, parties: list[str], run: FleetRun, work: Path):
+    def __init__(self, paths, broker, parties: list[str], run: FleetRun, work: Path,
+                 aggregator=None, state_dir: Path | None = None):
         self.paths, self.broker, self.parties, self.run, self.work = paths, broker, parties, run, work
+        self.aggregator, self.state_dir = aggregator, state_dir
 
 
 # ---------------------------------------------------------------------------------------------
@@ -168,7 +179,11 @@ def _say(progress: bool, text: str) -> None:
         tqdm.write(text)
 
 
-def run_fleet(opts: FleetOptions, after: Callable[[RunContext], None] | None = None) -> FleetRun:
+def run_fleet(opts: FleetOptions, after: Callable[[RunContext], None] | None = None,
+              during: Callable[[RunContext], None] | None = None) -> FleetRun:
+    """One run (see the module docstring). ``during(ctx)`` is called once the aggregator
+    process has started, before the rounds are followed (it must return at once: start a
+    thread for longer work); ``after(ctx)`` once the service has exited."""
     from bridge.broker import MosquittoBroker, free_port
     from bridge.provision import provision
 
@@ -195,7 +210,8 @@ def run_fleet(opts: FleetOptions, after: Callable[[RunContext], None] | None = N
         t0 = time.monotonic()
         port = free_port()
         pport = free_port() if opts.auth == "password" else None
-        paths = provision(work / "fed", "fleet", parties, port=port, password_port=pport, force=True)
+        paths = provision(work / "fed", "fleet", [*parties, *opts.extra_parties], port=port,
+                          password_port=pport, force=True)
         run.provision_s = round(time.monotonic() - t0, 2)
         _say(opts.progress, f"fleet: provisioned {n} devices in {run.provision_s:.1f}s")
         broker = MosquittoBroker(paths.mosquitto_conf).start()
@@ -214,7 +230,8 @@ def run_fleet(opts: FleetOptions, after: Callable[[RunContext], None] | None = N
             wc = WorkerConfig(str(paths.root), parties[i::workers], host, dev_port, auth=opts.auth,
                               protocol=opts.protocol, seed=opts.seed, max_uploads=opts.max_uploads,
                               record_path=str(rec), index=i,
-                              blobs_dir=str(work / "blobs") if opts.keep_blobs else None)
+                              blobs_dir=str(work / "blobs") if opts.keep_blobs else None,
+                              answer_delay_s=opts.answer_delay_s, final_delay_s=opts.final_delay_s)
             wc_path = work / f"worker-{i}.json"
             wc_path.write_text(json.dumps(asdict(wc)))
             p = subprocess.Popen([sys.executable, "-m", "cotune.fleet.device", str(wc_path)],
@@ -257,6 +274,7 @@ def run_fleet(opts: FleetOptions, after: Callable[[RunContext], None] | None = N
             "rounds": opts.rounds, "min_clients": n, "quorum": 1.0,
             "round_deadline_s": opts.round_deadline_s, "wait_for_clients_s": 120.0,
             "models": {"slm": str(model)}, "seed": opts.seed, "final_wait_s": 30.0,
+            **(opts.aggregator_overrides or {}),
         }
         cfg_path = work / "aggregator.json"
         cfg_path.write_text(json.dumps(cfg, indent=2))
@@ -264,6 +282,9 @@ def run_fleet(opts: FleetOptions, after: Callable[[RunContext], None] | None = N
         agg_log = open(work / "aggregator.log", "wb")
         agg = subprocess.Popen([*cmd, "--config", str(cfg_path)], stdout=agg_log, stderr=subprocess.STDOUT,
                                stdin=subprocess.DEVNULL, start_new_session=True)
+        if during is not None:
+            during(RunContext(paths, broker, parties, run, work, aggregator=agg,
+                             state_dir=state_dir))
         last_accepted = _monitor(run, opts, agg, broker.pid, state_dir, drain, stats)
         agg.wait(timeout=120)
         run.aggregator_exit = agg.returncode
@@ -279,7 +300,8 @@ def run_fleet(opts: FleetOptions, after: Callable[[RunContext], None] | None = N
         run.ok = (run.aggregator_exit == 0 and len(run.rounds) == opts.rounds
                   and all(r.accepted == n and r.rejected == 0 for r in run.rounds))
         if after is not None:
-            after(RunContext(paths, broker, parties, run, work))
+            after(RunContext(paths, broker, parties, run, work, aggregator=agg,
+                            state_dir=state_dir))
         return run
     finally:
         if agg is not None and agg.poll() is None:
