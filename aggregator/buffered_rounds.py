@@ -25,6 +25,7 @@ import time
 from collections import OrderedDict
 from typing import Any
 
+from . import metrics as _metrics
 from .buffered import BufferedConfig, DeltaBuffer, buffer_from_state, check_staleness, client_delta
 from .errors import InvalidUpdate, SpecError, StateError
 from .ingest import RoundIngest
@@ -164,6 +165,7 @@ class BufferedRounds:
                        "seconds": round(time.time() - t0, 3)}
             store.close_round(r, state, metrics)
         event("round_committed", round=r, **metrics)
+        _metrics.round_committed(metrics)
         for c in buffer.clients:
             self.inflight.pop(c, None)
         try:

@@ -80,6 +80,9 @@ class AggregatorConfig:
     #: buffered-mode settings (aggregator/buffered.py BufferedConfig): buffer_size,
     #: max_staleness, staleness, staleness_exponent, server_lr, concurrency, example_weighting
     buffered: dict = field(default_factory=dict)
+    #: the read-only status page and Prometheus /metrics (aggregator/status_http.py); off when
+    #: empty: {"port": 9464, "host": "127.0.0.1", "token_env": "VAR holding a bearer token"}
+    status_http: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.rounds < 1:
@@ -102,6 +105,13 @@ class AggregatorConfig:
             try:
                 BufferedConfig.from_dict(self.buffered)
             except ValueError as exc:
+                raise ConfigError(str(exc)) from None
+        if self.status_http:
+            from .status_http import StatusHTTPConfig
+
+            try:
+                StatusHTTPConfig.parse(self.status_http)
+            except (TypeError, ValueError) as exc:
                 raise ConfigError(str(exc)) from None
         if self.ingest_workers < 0:
             raise ConfigError("ingest_workers must be >= 0")

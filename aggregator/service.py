@@ -31,6 +31,7 @@ from bridge.endpoint import Endpoint, EndpointConfig, Inbound, broker_config_for
 from bridge.messages import ErrorReport, Note, Task
 from bridge.provision import load_party_config
 
+from . import metrics as _metrics
 from .aggregation import Aggregator
 from .config import AggregatorConfig
 from .context import ServerContext
@@ -39,6 +40,7 @@ from .ingest import RoundIngest
 from .ingest_log import IngestLog
 from .intake import aggregation_rule, open_aggregator
 from .state import open_store
+from .status_http import start_status_http
 from .update_intake import UpdateIntake, event
 from .validation import UpdateSpec
 from .workers import LocalWorkers, open_worker_aggregator, shard_of, worker_log_dir
@@ -62,6 +64,8 @@ class AggregatorService:
         broker = broker_config_for(pc, **config.broker)
         chunking = {"chunk_size": config.chunk_size} if config.chunk_size else {}
         ep_cfg = EndpointConfig(max_message_bytes=pc.max_packet_bytes, spill_dir=str(self.state_dir),
+                                # until a round sets its own limit from the update spec
+                                max_blob_bytes=config.max_update_bytes or 512 * 1024 * 1024,
                                 up_topics="none" if config.ingest_workers else "all",
                                 shared_blob_dir=str(self.state_dir / "outgoing") if config.ingest_workers else None,
                                 **chunking)
@@ -94,6 +98,7 @@ class AggregatorService:
             self.buffered = BufferedRounds(self)
         self.intake = UpdateIntake(self.endpoint, self.algorithm, self.rule, config, None, stop=self._stop,
                                    progress=self.progress, on_other=self._on_other)
+        self.status_http = start_status_http(self)  # the read-only page and /metrics, when configured
 
     # -- lifecycle ------------------------------------------------------------------------
     def stop(self) -> None:
@@ -138,6 +143,7 @@ class AggregatorService:
                     info = self.store.open_round(selected, deadline=time.time() + self.cfg.round_deadline_s)
                     _event("round_opened", round=info.round, selected=len(info.selected),
                            first=list(info.selected[:20]))
+                    _metrics.round_opened()
                 else:
                     _event("round_resumed", round=info.round, status=info.status)
                     self.progress(f"resuming round {info.round} ({info.status}) after a restart")
@@ -238,6 +244,7 @@ class AggregatorService:
             self.store.close_round(r, state, metrics)
             self.progress(f"round {r}: quorum not met ({len(accepted)}/{quorum}); global state unchanged")
         _event("round_committed", round=r, **metrics)
+        _metrics.round_committed(metrics)
         self._retire(r, agg, ingest)
 
     def _collect_from_workers(self, r: int, state: State, spec: UpdateSpec, info) -> Aggregator | None:

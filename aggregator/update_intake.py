@@ -14,7 +14,6 @@ import logging
 import math
 import threading
 import time
-from collections import deque
 from collections.abc import Callable
 from typing import Any
 
@@ -23,6 +22,7 @@ from bridge.endpoint import Endpoint, Inbound
 from bridge.errors import BridgeError
 from bridge.messages import ErrorReport, Note, Update
 
+from . import metrics as _metrics
 from .errors import InvalidUpdate
 from .ingest import RoundIngest
 from .intake import check_update
@@ -58,8 +58,10 @@ class UpdateIntake:
         self.mode = None
         self.awaiting: dict[str, tuple[Update, Any, float]] = {}
         self.rejections: list[tuple[int, str, str, str]] = []
-        self.wire_rejections: deque = deque(maxlen=4096)
-        self.wire_dropped = 0
+        #: (round, sender, reason) -> [frames, first at, last at, first detail]
+        self.wire_rejections: dict[tuple, list] = {}
+        self._wire_lock = threading.Lock()
+        self._last_flush = time.monotonic()
         endpoint.on_reject = self.on_bridge_reject
 
     def collect(self, r: int, ingest: RoundIngest, spec: UpdateSpec, deadline: float,
@@ -70,6 +72,7 @@ class UpdateIntake:
         blobs that completed, and commits the log when the inbox ran dry or the batch is full
         (group commit), acknowledging that batch."""
         self.awaiting = {}
+        self.book = ingest.book  # the status page's live counts (the ledger lags by a checkpoint)
         while not self.stop.is_set():
             if close_when_complete and ingest.book.pending_count == 0:
                 break
@@ -93,7 +96,7 @@ class UpdateIntake:
                 self.acknowledge(r, ingest.sync())
             if ingest.checkpoint_due():
                 ingest.checkpoint()
-            if self.rejections and (idle or len(self.rejections) >= 256):
+            if self.flush_due(idle):
                 self.flush_rejections()
         self.acknowledge(r, ingest.sync())
         for client, (_upd, ref, _) in self.awaiting.items():
@@ -151,6 +154,7 @@ class UpdateIntake:
 
     def ingest(self, r: int, client: str, upd: Update, tensors: dict, ingest: RoundIngest, spec: UpdateSpec,
                 bytes_at_start: dict) -> None:
+        started = time.perf_counter()
         try:
             fold: dict = {}
             if self.mode is not None:  # buffered rounds: a delta against the version it trained on
@@ -171,6 +175,7 @@ class UpdateIntake:
         except (BridgeError, AlgorithmError) as exc:
             self.reject(r, client, "payload", str(exc), ingest)
             return
+        _metrics.update_accepted(time.perf_counter() - started)
         if self.cfg.log_accepts:
             _event("accepted", round=r, client=client, num_examples=upd.num_examples, norm=round(checked.norm, 6))
         if ingest.book.n_selected <= 64:
@@ -213,6 +218,7 @@ class UpdateIntake:
         if ingest is not None:
             ingest.book.reject(client)
         self.rejections.append((r, client, reason, detail[:500]))
+        _metrics.update_rejected(reason)
         if self.cfg.log_accepts or len(self.rejections) < 64:
             _event("rejected", round=r, client=client, reason=reason, detail=detail[:500])
         if ingest is None or ingest.book.n_selected <= 64:
@@ -224,28 +230,41 @@ class UpdateIntake:
 
     def flush_rejections(self) -> None:
         rows, self.rejections = self.rejections, []
-        wire = []
-        while self.wire_rejections:
-            wire.append(self.wire_rejections.popleft())
+        with self._wire_lock:
+            wire, self.wire_rejections = self.wire_rejections, {}
+        self._last_flush = time.monotonic()
         by_round: dict[int, list] = {}
         for r, client, reason, detail in rows:
             by_round.setdefault(r, []).append((client, reason, detail))
         for r, items in by_round.items():
             self.store.reject_many(r, items)
         if wire:
-            self.store.record_events(wire)
-        if self.wire_dropped:
-            n, self.wire_dropped = self.wire_dropped, 0
-            self.store.record_events([EventRecord("wire_rejected", self.current_round or None, None, "overflow",
-                                                  f"{n} more wire rejections counted but not itemised")])
+            self.store.record_events([
+                EventRecord("wire_rejected", r, sender, code,
+                            json.dumps({"frames": w[0], "last_s": round(w[2] - w[1], 3), "first": w[3]}), w[1])
+                for (r, sender, code), w in wire.items()])
+
+    def flush_due(self, idle: bool) -> bool:
+        return bool(self.rejections or self.wire_rejections) and (
+            len(self.rejections) >= 256 or (idle and time.monotonic() - self._last_flush >= 1.0))
 
     def on_bridge_reject(self, exc: BridgeError, sender: str | None) -> None:
-        """Frames the bridge refused (replayed, tampered, stale...): counted by the endpoint,
-        kept here in a bounded buffer that the ingest loop writes in batches (this runs on the
-        receive thread, which must never wait for the database)."""
-        if len(self.wire_rejections) >= self.wire_rejections.maxlen:
-            self.wire_dropped += 1
-            return
-        self.wire_rejections.append(EventRecord("wire_rejected", self.current_round or None, sender, exc.code,
-                                                str(exc)[:500], time.time()))
+        """Frames the bridge refused (replayed, tampered, stale, rate-limited...): counted by the
+        endpoint, summarised here per (round, sender, reason) and written by the ingest loop in
+        one transaction per second at most (this runs on the receive thread, which must never
+        wait for the database). A flood therefore costs one ledger row per sender and reason,
+        holding the frame count, the span and the first frame's detail."""
+        now = time.time()
+        key = (self.current_round or None, sender, exc.code)
+        with self._wire_lock:
+            w = self.wire_rejections.get(key)
+            if w is None:
+                if len(self.wire_rejections) >= 10_000:  # bounded: more senders fold into one row
+                    key = (key[0], None, exc.code)
+                    w = self.wire_rejections.get(key)
+                if w is None:
+                    self.wire_rejections[key] = [1, now, now, str(exc)[:300]]
+                    return
+            w[0] += 1
+            w[2] = now
 

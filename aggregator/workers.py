@@ -42,6 +42,7 @@ from .context import ServerContext
 from .ingest import RoundIngest
 from .intake import aggregation_rule, open_aggregator
 from .state import open_store
+from .status_http import start_worker_metrics
 from .update_intake import UpdateIntake, event
 from .validation import UpdateSpec
 
@@ -79,6 +80,8 @@ class IngestWorker:
         self.party = pc
         chunking = {"chunk_size": config.chunk_size} if config.chunk_size else {}
         ep_cfg = EndpointConfig(max_message_bytes=pc.max_packet_bytes, spill_dir=str(self.state_dir),
+                                # until a round sets its own limit from the update spec
+                                max_blob_bytes=config.max_update_bytes or 512 * 1024 * 1024,
                                 up_topics="explicit", instance=f"ingest-{index}",
                                 shared_blob_dir=str(self.state_dir / "outgoing"), **chunking)
         broker = broker_config_for(pc, **{"instance": f"ingest-{index}", **config.broker})
@@ -112,6 +115,7 @@ class IngestWorker:
             try:
                 self.endpoint.subscribe_up([c for c in self.party.directory.clients() if self.mine(c)])
                 self.endpoint.start()
+                self.metrics_http = start_worker_metrics(self)  # its own /metrics, when status_http is set
                 if self.on_ready is not None:
                     self.on_ready()
                 done: set[int] = set()

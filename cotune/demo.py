@@ -123,6 +123,9 @@ def run_demo(args) -> int:
         "rounds": args.rounds, "min_clients": args.clients, "round_deadline_s": 900, "wait_for_clients_s": 120,
         "models": {"slm": str(slm), "llm": str(zoo["llm"])}, "broker": over, "final_wait_s": 120,
     }
+    if getattr(args, "status_port", None):
+        agg_cfg["status_http"] = {"port": args.status_port}
+        print(f"status page: http://127.0.0.1:{args.status_port}/  (Prometheus: /metrics)", flush=True)
     for fam in families[1:]:  # the aggregator needs every client family's tokenizer
         agg_cfg["models"][f"slm:{fam.name}"] = str(fam)
     procs = {}

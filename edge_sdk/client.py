@@ -33,6 +33,7 @@ from bridge.provision import load_party_config
 
 from .blob_cache import DEFAULT_MAX_BYTES, BlobCache
 from .context import DeviceContext
+from .tegrastats import TegraSampler
 
 log = logging.getLogger("cotune.edge")
 
@@ -136,13 +137,18 @@ class EdgeClient:
                 cached_names.append(name)
         self._algorithm = (algo, task.config)
         self.ctx.round = task.round
-        with PeakMemory() as peak:
+        # power and temperature while training, where tegrastats or jtop exist (a Jetson); a
+        # no-op elsewhere. The aggregator keeps them per round and device (status page, CSV)
+        with TegraSampler(interval_ms=500) as tegra, PeakMemory() as peak:
             report = algo.run(task, downloads, self.ctx)
         payload = pack_state(report.tensors)
         metrics = {**report.metrics, "seconds": round(time.time() - t0, 3), "peak_memory_bytes": peak.peak_bytes,
                    "peak_memory_kind": peak.kind, # since the previous round ended: the broadcast blobs and key grant precede the Task
                    "bytes_down": self.endpoint.transport.stats.bytes_in - self._wire_mark[0],
                    "quant": self.ctx.quant, "blobs_from_cache": cached_names}
+        power = tegra.summary()
+        if power is not None:
+            metrics["power"] = power.to_dict()
         inline = len(payload) + 2 * ENVELOPE_OVERHEAD + 4096 < self.endpoint.config.max_message_bytes
         update = Update(round=task.round, algorithm=task.algorithm, num_examples=report.num_examples,
                         metrics=metrics, tensors=report.tensors if inline else {})

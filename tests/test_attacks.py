@@ -100,7 +100,7 @@ def test_declared_sizes_allocate_nothing_and_unknown_keys_are_counted(fed, ends)
     agg.blob_limit = lambda sender: 2 << 20  # what the service sets from the round's update spec
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     topic = mallory.topics.up("mallory")
-    for i in range(32):
+    for _ in range(32):
         sha = os.urandom(32).hex()
         frame = mallory.sealer.seal("aggregator", CHUNK, os.urandom(1000), round=1, blob=sha, chunk=0, total=64,
                                     bsize=16 << 20, csize=256 << 10)

@@ -19,6 +19,7 @@ import torch
 
 from algorithms.core.modeling import load_causal_lm
 
+from .. import metrics as _metrics
 from .schema import APIError, CompletionRequest, ServerLimits
 
 log = logging.getLogger("cotune.llm_server")
@@ -256,6 +257,7 @@ class Scheduler:
             if self.per_client[job.client] <= 0:
                 del self.per_client[job.client]
             self.completed += 1
+        _metrics.llm_request_done(kind, job, self.limits.request_timeout_s)
         job.emit(kind, payload)
         return True
 

@@ -17,6 +17,8 @@ import threading
 import time
 from typing import Any
 
+from .. import metrics as _metrics
+from ..status_http import add_llm_metrics_args, start_llm_metrics
 from .engine import CompletionModel, Job, Scheduler
 from .schema import APIError, RequestError, ServerLimits, parse_body, parse_completion
 
@@ -101,6 +103,7 @@ class CompletionsApp:
             (b"content-length", str(len(data)).encode()),
         ]
         hdrs += [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()]
+        _metrics.llm_http(status)
         await send({"type": "http.response.start", "status": status, "headers": hdrs})
         await send({"type": "http.response.body", "body": data})
 
@@ -444,6 +447,7 @@ def llm_cli(argv: list[str]) -> int:
             default=f.default,
             help=f"{_LIMIT_HELP.get(f.name, 'limit (see the README)')} (default {f.default})",
         )
+    add_llm_metrics_args(s)  # --metrics-port, --metrics-host, --metrics-token-env
     args = ap.parse_args(argv)
     keys = None
     if args.api_key_env:
@@ -469,5 +473,6 @@ def llm_cli(argv: list[str]) -> int:
         f"serving {srv.model.name} ({srv.model.vocab} tokens) at {srv.url}/v1/completions",
         flush=True,
     )
+    start_llm_metrics(args, srv)  # /metrics on its own port, when --metrics-port is given
     srv.serve_forever()
     return 0
