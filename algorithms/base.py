@@ -52,7 +52,9 @@ class UpdateRejected(AlgorithmError):
 
 def pack_state(state: Mapping[str, np.ndarray], meta: Mapping[str, str] | None = None) -> bytes:
     """A tensor dict as safetensors bytes (the payload format of every blob; never pickle)."""
-    return st_save({k: np.ascontiguousarray(v) for k, v in state.items()}, metadata=dict(meta or {}) or None)
+    # reshape: ascontiguousarray turns a 0-d array into shape (1,)
+    arrays = {k: np.ascontiguousarray(v).reshape(np.shape(v)) for k, v in state.items()}
+    return st_save(arrays, metadata=dict(meta or {}) or None)
 
 
 def unpack_state(data: bytes | bytearray) -> State:

@@ -17,6 +17,7 @@ import dataclasses
 import functools
 import json
 import logging
+import math
 import struct
 import types
 import typing
@@ -88,7 +89,8 @@ def encode(msg: Message) -> bytes:
             for key, arr in value.items():
                 if not isinstance(arr, np.ndarray):
                     raise MalformedMessage(f"{cls.TYPE}.{name}[{key!r}] must be a numpy array, got {type(arr).__name__}")
-                tensors[f"{name}/{key}"] = np.ascontiguousarray(arr)
+                # reshape: ascontiguousarray turns a 0-d array into shape (1,)
+                tensors[f"{name}/{key}"] = np.ascontiguousarray(arr).reshape(arr.shape)
         else:
             fields[name] = value
     header = {"type": cls.TYPE, "v": cls.VERSION, "fields": fields, "tensors": tensor_index}
@@ -113,14 +115,16 @@ def decode(data: bytes | memoryview) -> Message:
     if end > len(data):
         raise MalformedMessage("header length points past the end of the message")
     try:
-        header = json.loads(data[_PREFIX.size:end])
+        header = _loads(data[_PREFIX.size:end])
+        if not isinstance(header, dict):
+            raise TypeError("header is not an object")
         mtype, version, fields, index = header["type"], header["v"], header["fields"], header["tensors"]
-    except (ValueError, KeyError, TypeError) as exc:
+    except (ValueError, KeyError, TypeError, RecursionError) as exc:  # RecursionError: deep nesting
         raise MalformedMessage(f"bad message header ({exc})") from exc
-    cls = _REGISTRY.get(mtype)
+    cls = _REGISTRY.get(mtype) if isinstance(mtype, str) else None
     if cls is None:
         raise MalformedMessage(f"unknown message type {mtype!r}")
-    if not isinstance(version, int) or version < 1:
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
         raise MalformedMessage(f"bad version {version!r}")
     if version > cls.VERSION:
         raise UnsupportedVersion(f"{mtype} v{version} is newer than supported v{cls.VERSION}; upgrade cotune")
@@ -134,17 +138,22 @@ def decode(data: bytes | memoryview) -> Message:
             raise MalformedMessage(f"bad tensor section ({exc})") from exc
     kinds = _field_kinds(cls)
     kwargs: dict[str, Any] = {}
+    unknown = [name for name in (*fields, *index) if name not in kinds]
+    if unknown:  # one line per message, however many fields it brings
+        names = ", ".join(repr(n[:64]) for n in unknown[:5]) + (", ..." if len(unknown) > 5 else "")
+        log.warning("ignoring %d unknown field(s) %s of %s v%d (sent by a newer version?)",
+                    len(unknown), names, mtype, version)
     for name, value in fields.items():
         if name not in kinds:
-            log.warning("ignoring unknown field %r of %s v%d (sent by a newer version?)", name, mtype, version)
             continue
         kwargs[name] = _check_type(mtype, name, value, kinds[name])
     for name, keys in index.items():
         if name not in kinds:
-            log.warning("ignoring unknown tensor field %r of %s", name, mtype)
             continue
-        if not isinstance(keys, list):
-            raise MalformedMessage(f"{mtype}.{name}: tensor index must be a list")
+        if not isinstance(keys, list) or not all(isinstance(k, str) for k in keys):
+            raise MalformedMessage(f"{mtype}.{name}: tensor index must be a list of names")
+        if not _is_tensors(kinds[name]):
+            raise MalformedMessage(f"{mtype}.{name} is not a tensor field")
         try:
             kwargs[name] = {k: tensors[f"{name}/{k}"] for k in keys}
         except KeyError as exc:
@@ -153,8 +162,25 @@ def decode(data: bytes | memoryview) -> Message:
         return cls(**kwargs)
     except TypeError as exc:
         raise MalformedMessage(f"{mtype}: {exc}") from exc
-    except ValueError as exc:  # __post_init__ validation of the dataclass
+    except (ValueError, OverflowError) as exc:  # __post_init__ validation of the dataclass
         raise MalformedMessage(f"{mtype}: {exc}") from exc
+
+
+def _no_constant(name: str) -> float:
+    raise ValueError(f"{name} is not allowed (the encoder never writes it)")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):  # 1e400 parses as inf
+        raise ValueError(f"number {text[:32]} is out of the float range")
+    return value
+
+
+def _loads(raw: bytes) -> Any:
+    """``json.loads`` that refuses what :func:`encode` never writes: NaN, Infinity, and numbers
+    that overflow a float."""
+    return json.loads(raw, parse_constant=_no_constant, parse_float=_finite_float)
 
 
 _JSON_TYPES = {str: str, int: int, float: (int, float), bool: bool, list: list, dict: dict}
@@ -167,6 +193,8 @@ def _check_type(mtype: str, name: str, value: Any, hint: Any) -> Any:
         if value is None:
             return None
         origin = typing.get_origin(args[0]) or args[0]
+    if _is_tensors(origin):
+        raise MalformedMessage(f"{mtype}.{name}: tensors travel in the tensor section, not as JSON")
     expected = _JSON_TYPES.get(origin)
     if expected is None:
         return value
@@ -174,4 +202,8 @@ def _check_type(mtype: str, name: str, value: Any, hint: Any) -> Any:
         raise MalformedMessage(f"{mtype}.{name}: expected {origin.__name__}, got bool")
     if not isinstance(value, expected):
         raise MalformedMessage(f"{mtype}.{name}: expected {origin.__name__}, got {type(value).__name__}")
-    return float(value) if origin is float else value
+    if origin is float:
+        if isinstance(value, int) and not -1e308 < value < 1e308:  # float() would overflow
+            raise MalformedMessage(f"{mtype}.{name}: number out of the float range")
+        return float(value)
+    return value

@@ -440,7 +440,11 @@ class Endpoint:
 
     def _dispatch(self, h: Header, msg: Message) -> None:
         if isinstance(msg, KeyGrant):
-            kid = self.sealer.add_content_key(base64.b64decode(msg.key))
+            try:
+                kid = self.sealer.add_content_key(base64.b64decode(msg.key))
+            except (BridgeError, ValueError) as exc:  # not a 32-byte key: a typed rejection
+                self._reject(exc if isinstance(exc, BridgeError) else MalformedMessage(str(exc)), "grant", h.sender)
+                return
             if kid != msg.key_id:
                 self._reject(TamperedMessage("key grant id does not match its key"), "grant")
                 return
@@ -460,7 +464,7 @@ class Endpoint:
             state = json.loads(payload) if payload else {"state": "unknown"}
             if not isinstance(state, dict):
                 raise ValueError("not an object")
-        except ValueError:
+        except (ValueError, RecursionError):
             self._reject(MalformedMessage(f"bad presence payload from {party}"), "status")
             return
         self.presence[party] = state

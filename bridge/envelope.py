@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import struct
 import threading
@@ -58,6 +59,10 @@ BROADCAST = "*"
 _DOMAIN = b"cotune/envelope/v1"
 #: generous upper bound of framing + header + tag + signature, used to size chunks
 ENVELOPE_OVERHEAD = 2048
+#: bounds of the numeric header fields: integers fit an int64; a timestamp is finite, not
+#: negative and below 2**40 s (year 36812), so a NaN or Inf can never slip past the replay window
+MAX_HEADER_INT = 2**63 - 1
+MAX_TIMESTAMP = float(2**40)
 
 
 class UnknownKey(BridgeError):
@@ -109,19 +114,20 @@ class Header:
             if not isinstance(d, dict):
                 raise TypeError("header is not an object")
             v = d.get("v")
-            if v != ENVELOPE_VERSION:
+            if type(v) is not int or v != ENVELOPE_VERSION:  # not True, not 1.0
                 raise UnsupportedVersion(f"envelope version {v!r} not supported (this build reads {ENVELOPE_VERSION})")
             h = cls(
                 federation=_str(d["fed"]), round=_int(d["round"]), sender=_str(d["from"]),
-                recipient=_str(d["to"]), type=_str(d["type"]), mid=_str(d["mid"]), ts=float(d["ts"]),
-                nonce=b64d(d["nonce"]), epk=b64d(d["epk"]) if "epk" in d else None,
+                recipient=_str(d["to"]), type=_str(d["type"]), mid=_str(d["mid"]),
+                ts=_timestamp(d["ts"]),
+                nonce=b64d(_str(d["nonce"])), epk=b64d(_str(d["epk"])) if "epk" in d else None,
                 kid=_str(d["kid"]) if "kid" in d else None, blob=_str(d["blob"]) if "blob" in d else None,
                 chunk=_int(d.get("chunk", 0)), total=_int(d.get("total", 1)), bsize=_int(d.get("bsize", 0)),
                 csize=_int(d.get("csize", 0)),
             )
         except UnsupportedVersion:
             raise
-        except (ValueError, KeyError, TypeError) as exc:
+        except (ValueError, KeyError, TypeError, RecursionError) as exc:  # Recursion: deep nesting
             raise MalformedMessage(f"bad envelope header ({exc.__class__.__name__}: {exc})") from exc
         if len(h.nonce) != 12 or (h.epk is None) == (h.kid is None) or (h.epk is not None and len(h.epk) != 32):
             raise MalformedMessage("envelope header must carry a 12-byte nonce and exactly one of epk/kid")
@@ -139,7 +145,20 @@ def _str(v) -> str:
 def _int(v) -> int:
     if not isinstance(v, int) or isinstance(v, bool):
         raise TypeError(f"expected integer, got {type(v).__name__}")
+    if not -MAX_HEADER_INT <= v <= MAX_HEADER_INT:
+        raise ValueError("integer out of the int64 range")
     return v
+
+
+def _timestamp(v) -> float:
+    if not isinstance(v, (int, float)) or isinstance(v, bool):
+        raise TypeError(f"expected a number, got {type(v).__name__}")
+    if isinstance(v, int) and not 0 <= v <= MAX_TIMESTAMP:  # before float(): no OverflowError
+        raise ValueError(f"timestamp {v} out of range")
+    ts = float(v)
+    if not (math.isfinite(ts) and 0.0 <= ts <= MAX_TIMESTAMP):
+        raise ValueError(f"timestamp {ts!r} is not a finite time in [0, {MAX_TIMESTAMP:.0f}]")
+    return ts
 
 
 def new_message_id() -> str:
@@ -181,6 +200,8 @@ class ReplayGuard:
 
     def check(self, header: Header) -> None:
         now = self.clock()
+        if not math.isfinite(header.ts):  # every comparison with NaN is false: refuse it first
+            raise MalformedMessage(f"message {header.mid} has a non-finite timestamp")
         if header.ts < now - self.window_s:
             raise ReplayedMessage(f"message {header.mid} from {header.sender} is {now - header.ts:.0f}s old "
                                   f"(window {self.window_s:.0f}s)")
@@ -325,7 +346,11 @@ class Sealer:
                 raise MalformedMessage("direct-encrypted message addressed to broadcast")
             aead = cached
             if aead is None:
-                shared = self.identity.kx_key.exchange(X25519PublicKey.from_public_bytes(header.epk))
+                try:
+                    epk = X25519PublicKey.from_public_bytes(header.epk)
+                    shared = self.identity.kx_key.exchange(epk)
+                except ValueError:  # a low-order point: the shared secret would be all zeros
+                    raise MalformedMessage(f"message {header.mid}: bad ephemeral key") from None
                 aead = AESGCM(_direct_key(shared, header.epk, self._kx_pub, header.federation, header.sender, me))
         try:
             plaintext = aead.decrypt(header.nonce, ct, MAGIC + head)

@@ -9,12 +9,17 @@ needs a ``VERSION`` bump.
 
 from __future__ import annotations
 
-import math
+import base64
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from .codec import Message, Tensors, register
+
+
+def _check_sha256(value: object) -> None:
+    if not isinstance(value, str) or len(value) != 64 or any(c not in "0123456789abcdef" for c in value):
+        raise ValueError("sha256 must be 64 lowercase hex digits")
 
 
 def _nonneg(name: str, value: int) -> None:
@@ -41,7 +46,7 @@ class BlobRef:
 
     @property
     def total_chunks(self) -> int:
-        return max(1, math.ceil(self.size / self.chunk_size))
+        return max(1, -(-self.size // self.chunk_size))  # integer ceil: exact for any size
 
     def to_json(self) -> dict:
         return {"sha256": self.sha256, "size": self.size, "chunk_size": self.chunk_size, "kind": self.kind}
@@ -50,7 +55,7 @@ class BlobRef:
     def from_json(cls, data: dict) -> BlobRef:
         try:
             return cls(str(data["sha256"]), int(data["size"]), int(data["chunk_size"]), str(data.get("kind", "")))
-        except (KeyError, TypeError) as exc:
+        except (KeyError, TypeError, AttributeError, OverflowError) as exc:  # int(inf) overflows
             raise ValueError(f"bad blob reference: {exc}") from exc
 
 
@@ -118,6 +123,10 @@ class KeyGrant(Message):
 
     def __post_init__(self) -> None:
         _nonneg("round", self.round)
+        try:  # the receiver decodes it outside its frame checks: refuse bad base64 here
+            base64.b64decode(self.key.encode("ascii"), validate=True)
+        except (AttributeError, ValueError) as exc:  # binascii.Error, UnicodeEncodeError
+            raise ValueError(f"key must be base64 ({exc})") from None
 
 
 @register
@@ -131,9 +140,18 @@ class ChunkRequest(Message):
     missing: list  # [[start, stop), ...] half-open ranges of chunk indices
 
     def __post_init__(self) -> None:
+        _check_sha256(self.sha256)
+        if not isinstance(self.missing, list):
+            raise ValueError("missing must be a list of ranges")
+        stop = 0
         for r in self.missing:
             if not (isinstance(r, list) and len(r) == 2 and all(isinstance(i, int) for i in r) and 0 <= r[0] < r[1]):
                 raise ValueError(f"bad chunk range {r!r}")
+            # sorted and disjoint (as to_ranges writes them): overlapping ranges would make the
+            # sender resend the same chunks once per range
+            if r[0] < stop:
+                raise ValueError(f"chunk range {r!r} overlaps or precedes the one before")
+            stop = r[1]
 
 
 @register
@@ -144,6 +162,9 @@ class BlobAck(Message):
     TYPE = "blob_ack"
     VERSION = 1
     sha256: str
+
+    def __post_init__(self) -> None:
+        _check_sha256(self.sha256)
 
 
 @register
