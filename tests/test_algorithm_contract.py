@@ -137,9 +137,10 @@ def test_two_rounds_in_process(name, server_ctx, tiny_llama_path):
     for party, m in res.final.items():
         assert np.isfinite(m["nll_final"]), party
     # the final model a client applies is the federation's: a fresh client evaluating it agrees
-    # (an algorithm without final blobs, FedMKT, leaves every client its own model)
+    # (FedMKT leaves every client its own model: its final blobs are the LLM's last payload,
+    # which each client distils into its own adapter)
     final = res.server.final_blobs(res.state)
-    if final:
+    if final and name != "fedmkt":
         fresh = _clients(tiny_llama_path, 1)[0]
         again = registry.get(name).client().apply_final(final, fresh, res.server.client_config())
         assert again["nll_final"] == pytest.approx(res.final["c0"]["nll_final"], rel=1e-6)

@@ -35,7 +35,7 @@ from .public import (
     vocab_from_arrays,
     vocab_hash_array,
 )
-from .targets import TargetDataset, aligned_targets, kd_term
+from .targets import AlignCounter, TargetDataset, aligned_targets, kd_term
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +78,14 @@ class _AdapterStore:
         for old in sorted(self.folder.glob("adapter-*.safetensors"))[:-2]:
             old.unlink(missing_ok=True)
 
+    def save_final(self, model) -> None:
+        """The adapter after the last LLM->SLM transfer (``apply_final``); never a round's."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        path = self.folder / "final.safetensors"
+        tmp = path.with_suffix(".tmp")
+        tmp.write_bytes(pack_state(to_numpy(adapter_state(model))))
+        tmp.replace(path)
+
     def load_latest(self, model, before: int | None = None) -> int | None:
         rounds = sorted(
             int(p.stem.split("-")[1]) for p in self.folder.glob("adapter-*.safetensors")
@@ -90,23 +98,33 @@ class _AdapterStore:
 
 
 class FedMKTClient(ClientAlgorithm):
-    """One round on the device (the paper's steps 5 and 1-2, pipelined into one Task):
+    """The device half. The paper's round r is: 1. local training on D_k, 2. upload of the
+    SLM's top-k payload on D_p, 3.-4. the server's SLM->LLM step and the LLM's payload on D_p
+    sent back, 5. LLM->SLM distillation. Steps 3-4 need every client's step 2, so one Task
+    cannot hold a whole round; the Task of round r holds step 5 of round r - 1 and steps 1-2
+    of round r, and the last step 5 comes with the final blobs (:meth:`apply_final`):
 
     1. start from the own adapter of the previous round (or, with ``fedavg_homogeneous``, the
        family's averaged adapter the Task carries);
-    2. if the Task carries the LLM's top-k payload on D_p (``llm_topk``, from the previous
-       server step) and vocabulary (``llm_vocab``): DualMinCE with one teacher keeps the public
-       samples where the LLM's CE is below this model's own, whose LLM rows are aligned into
-       this tokenizer (DTW + MinED map, cached in the workspace); the LoRA trains on D_p with
-       ``lambda * CE + (1 - lambda) * KD`` (``kd_train``); on the other samples the KD target
-       is this model's own rows from before the step (``keep_own="self"``) or there is none
-       (``"task"``: the task loss alone);
-    3. task training on D_k (``train``), as without FedMKT;
-    4. run the SLM over D_p and upload its top-k payload + per-sample CE and the vocabulary
-       hash (+ the adapter, with ``fedavg_homogeneous``).
+    2. step 5 of round r - 1, in every Task but the first (whose Task carries no ``llm_topk``:
+       the base LLM has learned nothing of the clients yet, and the paper's round 1 begins with
+       local training): the LLM's top-k payload on D_p from the end of the server's round
+       r - 1 step (``llm_topk``, it has absorbed the clients' round r - 1 payloads) and its
+       vocabulary (``llm_vocab``); DualMinCE with one teacher keeps the public samples where
+       the LLM's CE is below this model's own, whose LLM rows are aligned into this
+       tokenizer (DTW + agreement rule ``align_rule`` + MinED map, cached in the workspace);
+       the LoRA trains on D_p with ``lambda * CE + (1 - lambda) * KD`` (``kd_train``); on the
+       other samples the KD target is this model's own rows from before the step
+       (``keep_own="self"``) or there is none (``"task"``: the task loss alone);
+    3. step 1 of round r: task training on D_k (``train``), as without FedMKT;
+    4. step 2 of round r: run the SLM over D_p and upload its top-k payload + per-sample CE and
+       the vocabulary hash (+ the adapter, with ``fedavg_homogeneous``).
 
-    Distillation comes before the task step because that is the paper's order across rounds
-    (step 5 of one round, step 1 of the next) and it leaves the private-data budget as it is.
+    The SLM's sequence of steps is the paper's (task step, upload, distillation from the LLM
+    that learned from that upload, next task step, ...), and each client ends with the last
+    LLM->SLM transfer. Deviation: with ``fedavg_homogeneous`` the family average is taken of
+    the uploaded adapters (after step 1) instead of after step 5, which would need a second
+    exchange per round.
     """
 
     name = "fedmkt"
@@ -158,50 +176,9 @@ class FedMKTClient(ClientAlgorithm):
 
         before = held_out_metrics(ctx, cfg.eval_block_size)
         private = ctx.private_data()
-        targets, kd = {}, {}
-        if "llm_topk" in downloads:
-            teacher = TeacherPayload.from_arrays(unpack_state(downloads["llm_topk"]))
-            if teacher.public_digest != public_sha256(public) or teacher.payload.num_samples != len(
-                public
-            ):
-                raise PayloadError(
-                    "the LLM payload was computed on another public set than the Task's"
-                )
-            llm_vocab = vocab_from_arrays(unpack_state(downloads["llm_vocab"]))
-            own = payload()
-            own_ce = own.sample_ce
-            chosen = dual_min_ce_batch(teacher.payload.sample_ce[None, :], own_ce)
-            vmap = cached_vocab_map(
-                llm_vocab, own_vocab, cache_dir=Path(ctx.workspace()) / "vocab_maps"
-            )
-            matched = rows = 0
-            for s in np.nonzero(chosen == 0)[0].tolist():
-                values, ids = teacher.payload.sample(s)
-                v, i, m = aligned_targets(
-                    own_ids[s], own_vocab, teacher.tokens[s], llm_vocab, values, ids, vmap
-                )
-                targets[s] = (v, i)
-                matched, rows = matched + int(m.sum()), rows + len(m)
-            kd = {
-                "kd_samples": len(targets),
-                "kept_own": int((chosen != 0).sum()),
-                "public_samples": len(public),
-                "kd_aligned_fraction": round(matched / rows, 4) if rows else 0.0,
-                "own_ce_mean": float(np.mean(own_ce)),
-                "llm_ce_mean": float(np.mean(teacher.payload.sample_ce)),
-            }
-            if cfg.keep_own == "self":  # this model's own rows from before the step
-                for s in np.nonzero(chosen != 0)[0].tolist():
-                    targets[s] = own.sample(s)
-            kd["kd_targets"] = len(targets)
-            kd_cfg = cfg.kd_train_config(task.round)
-            data = TargetDataset(tok, own_ids, targets, cfg.public_block_size, seed=kd_cfg.seed)
-            distilled = ctx.train(
-                data,
-                replace(kd_cfg, block_size=data.block_size),
-                extra_loss=kd_term(cfg.kd_weight, cfg.temperature, cfg.kd_kind, cfg.kd_tail),
-            )
-            kd["kd_train"] = distilled.to_dict()
+        kd = {}
+        if "llm_topk" in downloads:  # step 5 of round r - 1 (see the class docstring)
+            kd = self._distil_from_llm(cfg, downloads, ctx, public, own_ids, payload, task.round)
         result = ctx.train(private, cfg.train_config())
         after = held_out_metrics(ctx, cfg.eval_block_size)
         mine = payload()
@@ -224,18 +201,96 @@ class FedMKTClient(ClientAlgorithm):
         }
         return ClientReport(num_examples=len(private), tensors=tensors, metrics=metrics)
 
+    def _distil_from_llm(self, cfg, downloads, ctx, public, own_ids, payload, seed_round) -> dict:
+        """The paper's step 5 on the model ``payload`` runs: DualMinCE against the LLM's payload,
+        its rows aligned into this tokenizer, KD + CE on D_p. Returns the step's metrics."""
+        own_vocab = self._own_vocab(ctx)[0]
+        tok = ctx.tokenizer()
+        teacher = TeacherPayload.from_arrays(unpack_state(downloads["llm_topk"]))
+        if teacher.public_digest != public_sha256(public) or teacher.payload.num_samples != len(
+            public
+        ):
+            raise PayloadError("the LLM payload was computed on another public set than the Task's")
+        llm_vocab = vocab_from_arrays(unpack_state(downloads["llm_vocab"]))
+        own = payload()
+        own_ce = own.sample_ce
+        chosen = dual_min_ce_batch(teacher.payload.sample_ce[None, :], own_ce)
+        vmap = cached_vocab_map(llm_vocab, own_vocab, cache_dir=Path(ctx.workspace()) / "vocab_maps")
+        targets, counter = {}, AlignCounter()
+        for s in np.nonzero(chosen == 0)[0].tolist():
+            values, ids = teacher.payload.sample(s)
+            t = aligned_targets(
+                own_ids[s], own_vocab, teacher.tokens[s], llm_vocab, values, ids, vmap,
+                rule=cfg.align_rule, own=own.sample(s) if cfg.keep_own == "self" else None,
+            )
+            targets[s] = (t.values, t.ids)
+            counter.add(t)
+        kd = {
+            "kd_samples": len(targets),
+            "kept_own": int((chosen != 0).sum()),
+            "public_samples": len(public),
+            **counter.metrics(),
+            "own_ce_mean": float(np.mean(own_ce)),
+            "llm_ce_mean": float(np.mean(teacher.payload.sample_ce)),
+        }
+        if cfg.keep_own == "self":  # this model's own rows from before the step
+            for s in np.nonzero(chosen != 0)[0].tolist():
+                targets[s] = own.sample(s)
+        kd["kd_targets"] = len(targets)
+        kd_cfg = cfg.kd_train_config(seed_round)
+        data = TargetDataset(tok, own_ids, targets, cfg.public_block_size, seed=kd_cfg.seed)
+        distilled = ctx.train(
+            data,
+            replace(kd_cfg, block_size=data.block_size),
+            extra_loss=kd_term(cfg.kd_weight, cfg.temperature, cfg.kd_kind, cfg.kd_tail),
+        )
+        kd["kd_train"] = distilled.to_dict()
+        return kd
+
     def apply_final(
         self, downloads: Mapping[str, bytes], ctx, config: Mapping | None = None
     ) -> dict:
         """FedMKT has no global client model: each client keeps its own adapter (its family's
-        average with ``fedavg_homogeneous``, when the final blobs carry it) and evaluates it."""
+        average with ``fedavg_homogeneous``, when the final blobs carry it), takes the last
+        LLM->SLM transfer (step 5 of the last round: the final blobs carry the LLM's payload on
+        D_p after its last step, ``llm_topk``) and evaluates the result (``kd_final``: that
+        step's metrics). The distilled adapter is kept in the workspace beside the rounds'
+        (``final.safetensors``); applying the same final blobs again starts from the last
+        round's adapter, so it gives the same model."""
         cfg = FedMKTConfig.from_dict(dict(config or {}))
         own_hash = self._own_vocab(ctx)[1]
         use_sent_base(downloads, ctx, family_base_blob(own_hash))
         model = ctx.model(cfg.lora_spec())
+        store = _AdapterStore(Path(ctx.workspace()) / "fedmkt")
         family = downloads.get(family_adapter_blob(own_hash))
+        last = None
         if family is not None:
             load_adapter_state(model, from_wire(unpack_state(family)))
         else:
-            _AdapterStore(Path(ctx.workspace()) / "fedmkt").load_latest(model)
-        return {f"{k}_final": v for k, v in held_out_metrics(ctx, cfg.eval_block_size).items()}
+            last = store.load_latest(model)
+        out = {}
+        if "llm_topk" in downloads:
+            tok = ctx.tokenizer()
+            public = public_from_arrays(unpack_state(downloads["public"]))
+            own_ids = encode_public(tok, public, cfg.public_block_size)
+            pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+
+            def payload():
+                return model_payload(
+                    forward_of(model),
+                    own_ids,
+                    k=cfg.k,
+                    vocab_size=self._own_vocab(ctx)[0].size,
+                    pad_id=pad,
+                    batch_size=cfg.payload_batch_size,
+                )
+
+            seed_round = (last if last is not None else int(getattr(ctx, "round", 0) or 0)) + 1
+            out["kd_final"] = self._distil_from_llm(
+                cfg, downloads, ctx, public, own_ids, payload, seed_round
+            )
+            store.save_final(model)
+        return {
+            **{f"{k}_final": v for k, v in held_out_metrics(ctx, cfg.eval_block_size).items()},
+            **out,
+        }

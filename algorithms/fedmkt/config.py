@@ -13,6 +13,7 @@ from algorithms.fedavg.config import FedAvgConfig
 MODES = ("mutual", "llm2slm")
 KD_KINDS = ("ce", "kl")
 KEEP_OWN = ("self", "task")
+ALIGN_RULES = ("agree", "one_to_one")
 
 
 def _default_llm_train() -> dict:
@@ -59,7 +60,18 @@ class FedMKTConfig(FedAvgConfig):
       "self" keeps the receiver's own distribution as the KD target there (its top-k rows
       from before the step, with the same weight; the spec's first reading: it anchors the
       model where no one knows better, so the task term cannot drag it away from what it
-      already predicts well), "task" skips KD on them (task loss alone).
+      already predicts well), "task" skips KD on them (task loss alone). Within a sample that
+      has a teacher, it also decides the rows the teacher cannot fill (``align_rule``):
+      "self" its own row there, "task" a one-hot target on its own token (the paper's).
+    - ``align_rule``: which receiver rows of a selected sample take the teacher's row after
+      the DTW alignment of the two tokenisations. "agree" (default, the paper's): only a
+      receiver token aligned one-to-one with a teacher token that agrees with it (equal normal
+      forms, or the MinED map carries the teacher token onto it); "one_to_one": every
+      one-to-one pair, agreeing or not (the rule before; across tokenizers about one aligned
+      row in nine then carried a distribution over another word, ``thus`` against ``us``).
+      The metrics report, per round and side, ``kd_aligned_fraction`` (rows that carry a
+      teacher row), ``kd_one_to_one_fraction`` and ``kd_agree_fraction`` over all rows of the
+      selected samples (see :func:`algorithms.fedmkt.targets.aligned_targets`).
     - ``mode``: "mutual" (the LLM learns from the clients and teaches them) or "llm2slm" (the
       LLM only teaches; its adapter never changes; works with a black-box LLM too).
     - ``fedavg_homogeneous``: also FedAvg the adapters of clients of one family (same
@@ -100,6 +112,7 @@ class FedMKTConfig(FedAvgConfig):
     kd_tail: bool = True
     mode: str = "mutual"
     keep_own: str = "task"
+    align_rule: str = "agree"
     fedavg_homogeneous: bool = False
     public_max_samples: int | None = 64
     public_max_chars: int = 180  # fits one 64-token block (public_block_size) at >= 2.8 chars/token
@@ -138,6 +151,8 @@ class FedMKTConfig(FedAvgConfig):
             errs.append(f"kd_kind must be one of {KD_KINDS}, got {self.kd_kind!r}")
         if self.keep_own not in KEEP_OWN:
             errs.append(f"keep_own must be one of {KEEP_OWN}, got {self.keep_own!r}")
+        if self.align_rule not in ALIGN_RULES:
+            errs.append(f"align_rule must be one of {ALIGN_RULES}, got {self.align_rule!r}")
         if self.mode not in MODES:
             errs.append(f"mode must be one of {MODES}, got {self.mode!r}")
         if not isinstance(self.fedavg_homogeneous, bool):

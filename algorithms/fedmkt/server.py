@@ -43,7 +43,7 @@ from .public import (
     vocab_hash_of,
     vocab_to_arrays,
 )
-from .targets import TargetDataset, aligned_targets, kd_term
+from .targets import AlignCounter, TargetDataset, aligned_targets, kd_term
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +79,17 @@ class FedMKTServer(ServerAlgorithm):
     (DTW) and vocabulary (MinED map per family, cached under ``work_dir/vocab_maps``); the LLM's
     LoRA trains on D_p with ``lambda * CE + (1 - lambda) * KD``; its new payload over D_p is the
     next round's teacher. "llm2slm": the LLM only teaches; adapter and payload stay as they are.
-    Clients are visited in sorted order, so the result does not depend on arrival order."""
+    Clients are visited in sorted order, so the result does not depend on arrival order.
+
+    Order of a round (the paper's steps 1-5; the client half's docstring has the device side):
+    ``finish_round(r)`` is steps 3-4 of round r: the LLM learns from the clients' round r
+    payloads, and its payload on D_p after that step (the state's ``llm_topk/``) is what
+    reaches the clients for their step 5 of round r: in the Task of round r + 1 (``llm_topk``
+    blob, before that Task's local training), or after the last round in the final blobs,
+    which :meth:`FedMKTClient.apply_final` distils from. The Task of round 1 carries no LLM
+    payload (the initial state's ``llm_topk/`` is the base LLM's: only the server's DualMinCE
+    of round 1 compares against it). The state is what it was before this ordering, so a
+    restarted aggregator re-plans and re-runs a round to the same bytes."""
 
     name = "fedmkt"
     aggregation = "collect"
@@ -306,14 +316,21 @@ class FedMKTServer(ServerAlgorithm):
         return self.config.client_dict()
 
     def plan_round(self, round: int, state: State) -> RoundPlan:
-        blobs = {
-            "public": pack_state(public_to_arrays(self.public())),
-            "llm_vocab": pack_state(vocab_to_arrays(self.llm_vocab())),
-            "llm_topk": pack_state(part(state, TEACHER)),
-        }
+        """The Task of round ``round``: D_p, the LLM's vocabulary and, from round 2 on, the LLM's
+        payload after its round ``round - 1`` step (the clients' step 5 of that round)."""
+        blobs = self._teacher_blobs(state, with_payload=round > 1)
         blobs.update(self._family_adapter_blobs(state))
         blobs.update(self._base_blobs_of(state))
         return RoundPlan(config=self.client_config(), blobs=blobs)
+
+    def _teacher_blobs(self, state: State, with_payload: bool = True) -> dict[str, bytes]:
+        blobs = {
+            "public": pack_state(public_to_arrays(self.public())),
+            "llm_vocab": pack_state(vocab_to_arrays(self.llm_vocab())),
+        }
+        if with_payload:
+            blobs["llm_topk"] = pack_state(part(state, TEACHER))
+        return blobs
 
     def _family_adapter_blobs(self, state: State) -> dict[str, bytes]:
         """With ``fedavg_homogeneous``, each family's averaged adapter (else none)."""
@@ -425,7 +442,7 @@ class FedMKTServer(ServerAlgorithm):
         }
         out = dict(state)
         if self.config.mode == "mutual":
-            targets, matched, rows = {}, 0, 0
+            targets, counter = {}, AlignCounter()
             for i, c in enumerate(clients):
                 samples = np.nonzero(chosen == i)[0].tolist()
                 if not samples:
@@ -435,7 +452,7 @@ class FedMKTServer(ServerAlgorithm):
                 vmap = cached_vocab_map(fam.vocab, self.llm_vocab(), cache_dir=self._cache_dir())
                 for s in samples:
                     values, ids = payload.sample(s)
-                    v, k, m = aligned_targets(
+                    t = aligned_targets(
                         self.llm_tokens()[s],
                         self.llm_vocab(),
                         fam.tokens[s],
@@ -443,14 +460,16 @@ class FedMKTServer(ServerAlgorithm):
                         values,
                         ids,
                         vmap,
+                        rule=self.config.align_rule,
+                        own=teacher_now.payload.sample(s) if self.config.keep_own == "self" else None,
                     )
-                    targets[s] = (v, k)
-                    matched, rows = matched + int(m.sum()), rows + len(m)
+                    targets[s] = (t.values, t.ids)
+                    counter.add(t)
             if self.config.keep_own == "self":  # the LLM's own rows from before this step
                 for s in np.nonzero(chosen < 0)[0].tolist():
                     targets[s] = teacher_now.payload.sample(s)
             metrics.update(self._train_llm(round, state, targets))
-            metrics["kd_aligned_fraction"] = _round4(matched / rows) if rows else 0.0
+            metrics.update(counter.metrics())
             if self._judge_llm_step(state, out, metrics):
                 omega = to_numpy(adapter_state(self.llm_model()))
                 metrics["llm_delta_norm"] = delta_norm(omega, part(state, LLM))
@@ -537,9 +556,15 @@ class FedMKTServer(ServerAlgorithm):
         return out
 
     def final_blobs(self, state: State) -> dict[str, bytes]:
-        """The aligned family bases, and with ``fedavg_homogeneous`` each family's averaged
-        adapter (otherwise every client keeps its own)."""
-        return {**self._base_blobs_of(state), **self._family_adapter_blobs(state)}
+        """The aligned family bases, with ``fedavg_homogeneous`` each family's averaged adapter
+        (otherwise every client keeps its own), and D_p, the LLM's vocabulary and its payload
+        after the last round's step: the clients' last LLM->SLM transfer (step 5 of the last
+        round), which :meth:`FedMKTClient.apply_final` applies."""
+        return {
+            **self._base_blobs_of(state),
+            **self._family_adapter_blobs(state),
+            **self._teacher_blobs(state),
+        }
 
     # -- for evaluation -------------------------------------------------------------------------
     def llm_with(self, state: State):

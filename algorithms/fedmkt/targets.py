@@ -10,19 +10,72 @@ logits for that prediction are.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 
 from algorithms.core.textdata import IGNORE_INDEX, TokenizedDataset
-from algorithms.core.token_alignment import Vocabulary, align_tokens, project_topk
+from algorithms.core.token_alignment import (
+    Vocabulary,
+    align_tokens,
+    project_topk,
+)
 
+from .config import ALIGN_RULES
 from .payload import PayloadError
 
-__all__ = ["TargetDataset", "aligned_targets", "kd_term", "topk_kd_loss"]
+__all__ = [
+    "ALIGN_RULES",
+    "AlignCounter",
+    "AlignedTargets",
+    "TargetDataset",
+    "aligned_targets",
+    "kd_term",
+    "tokens_agree",
+    "topk_kd_loss",
+]
 
 _FILL = -1e9  # stands for log 0 in the KD term (a finite value keeps the masked rows NaN-free)
+
+
+class AlignedTargets(NamedTuple):
+    """Target rows of one sample in the receiver's tokenisation (row t: the prediction over
+    receiver token t + 1). ``values`` [n - 1, k] float32 log-probabilities (-inf padded),
+    ``ids`` [n - 1, k] int64 receiver ids; per row, bool [n - 1]: ``matched`` (the row is the
+    teacher's distribution), ``aligned`` (the receiver token has a one-to-one DTW partner) and
+    ``agree`` (aligned, and the two tokens agree: see :func:`tokens_agree`)."""
+
+    values: np.ndarray
+    ids: np.ndarray
+    matched: np.ndarray
+    aligned: np.ndarray
+    agree: np.ndarray
+
+
+def tokens_agree(
+    recv_ids: Sequence[int],
+    recv_vocab: Vocabulary,
+    teach_ids: Sequence[int],
+    teach_vocab: Vocabulary,
+    vocab_map: Any,
+) -> np.ndarray:
+    """[n] bool: receiver token i agrees with teacher token i (pairs of equal length): their
+    normal forms (:meth:`~algorithms.core.token_markers.Vocabulary.normal_form`, word-start
+    marker included; specials literally) are equal, or the MinED map carries the teacher token
+    onto the receiver token."""
+    table = np.asarray(getattr(vocab_map, "ids", vocab_map), dtype=np.int64)
+    r = np.asarray(recv_ids, dtype=np.int64)
+    t = np.asarray(teach_ids, dtype=np.int64)
+    mapped = table[t] == r
+    for i in np.nonzero(~mapped)[0].tolist():
+        a, b = int(r[i]), int(t[i])
+        mapped[i] = (
+            recv_vocab.tokens[a] is not None
+            and teach_vocab.tokens[b] is not None
+            and recv_vocab.normal_form(a) == teach_vocab.normal_form(b)
+        )
+    return mapped
 
 
 def aligned_targets(
@@ -33,15 +86,30 @@ def aligned_targets(
     teach_values: np.ndarray,
     teach_topk: np.ndarray,
     vocab_map: Any,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    *,
+    rule: str = "agree",
+    own: tuple[np.ndarray, np.ndarray] | None = None,
+) -> AlignedTargets:
     """The teacher's rows of one sample in the receiver's tokenisation and vocabulary.
 
     ``teach_values`` / ``teach_topk``: the teacher's [m - 1, k] rows for its m tokens
     ``teach_ids``; ``vocab_map``: teacher ids -> receiver ids (MinED). The two token sequences
-    are aligned by DTW; a receiver token aligned one-to-one with a teacher token takes that
-    token's row (ids carried through the map), every other receiver token a one-hot target on
-    itself. Returns (values [n - 1, k] float32 log-probabilities, -inf padded; ids [n - 1, k]
-    int64; matched [n - 1] bool)."""
+    are aligned by DTW (:func:`~algorithms.core.seq_align.align_tokens`). Which receiver rows
+    take the teacher's row (its ids carried through the map):
+
+    - ``rule="agree"`` (the paper's, after FuseLLM's ``transform_step_logits``): only a
+      receiver token aligned one-to-one with a teacher token that *agrees* with it (equal
+      normal forms, or the MinED map carries the teacher token onto it: :func:`tokens_agree`);
+      a one-to-one pair of different tokens (``thus`` against ``us``) is a misalignment, and
+      the teacher's row there is a distribution over another word;
+    - ``rule="one_to_one"``: every one-to-one pair, agreeing or not (the rule before the
+      agreement check, kept for comparison).
+
+    Every other row is the receiver's own: a one-hot target on its own token (the paper's), or
+    with ``own`` = (values, ids) [n - 1, k'], the receiver's own top-k row there (its
+    distribution from before the step, ``keep_own="self"``)."""
+    if rule not in ALIGN_RULES:
+        raise ValueError(f"align rule must be one of {ALIGN_RULES}, got {rule!r}")
     recv_ids = [int(i) for i in recv_ids]
     teach_ids = [int(i) for i in teach_ids]
     if teach_values.shape[0] != len(teach_ids) - 1:
@@ -54,14 +122,69 @@ def aligned_targets(
         [teach_vocab.tokens[i] or "" for i in teach_ids],
         teach_vocab.style,
     )
+    link = al.base_to_blend.copy()
+    aligned = link >= 0
+    agree = np.zeros(len(recv_ids), dtype=bool)
+    pairs = np.nonzero(aligned)[0]
+    agree[pairs] = tokens_agree(
+        [recv_ids[i] for i in pairs], recv_vocab, [teach_ids[j] for j in link[pairs]],
+        teach_vocab, vocab_map,
+    )
+    if rule == "agree":
+        link[~agree] = -1
     k = teach_values.shape[1]
     # row j of the blending side is the distribution over teacher token j; token 0 has none
     values = np.concatenate(
         [np.full((1, k), -np.inf, np.float32), np.asarray(teach_values, np.float32)]
     )
     ids = np.concatenate([np.zeros((1, k), np.int64), np.asarray(teach_topk, np.int64)])
-    proj = project_topk(al.base_to_blend, np.asarray(recv_ids, np.int64), values, ids, vocab_map)
-    return proj.values[1:], proj.ids[1:], proj.matched[1:]
+    proj = project_topk(link, np.asarray(recv_ids, np.int64), values, ids, vocab_map)
+    values, ids, matched = proj.values[1:], proj.ids[1:], proj.matched[1:]
+    if own is not None:
+        own_values, own_ids = (np.asarray(a) for a in own)
+        if own_values.shape[0] != len(recv_ids) - 1 or own_ids.shape != own_values.shape:
+            raise PayloadError(
+                f"own rows {own_values.shape} for {len(recv_ids)} receiver tokens"
+            )
+        width = max(k, own_values.shape[1])
+        values = _widen(values, width, -np.inf, np.float32)
+        ids = _widen(ids, width, 0, np.int64)
+        rest = ~matched
+        values[rest] = _widen(own_values[rest].astype(np.float32), width, -np.inf, np.float32)
+        ids[rest] = _widen(own_ids[rest].astype(np.int64), width, 0, np.int64)
+    return AlignedTargets(values, ids, matched, aligned[1:], agree[1:])
+
+
+class AlignCounter:
+    """Per-row counts of :class:`AlignedTargets` over the selected samples of one step; its
+    :meth:`metrics` are the fractions of all their rows: ``kd_aligned_fraction`` (rows that
+    carry a teacher row), ``kd_one_to_one_fraction`` (rows whose token has a one-to-one DTW
+    partner) and ``kd_agree_fraction`` (one-to-one partners that agree)."""
+
+    def __init__(self) -> None:
+        self.rows = self.matched = self.aligned = self.agree = 0
+
+    def add(self, t: AlignedTargets) -> None:
+        self.rows += len(t.matched)
+        self.matched += int(t.matched.sum())
+        self.aligned += int(t.aligned.sum())
+        self.agree += int(t.agree.sum())
+
+    def metrics(self) -> dict[str, float]:
+        def frac(x: int) -> float:
+            return round(x / self.rows, 4) if self.rows else 0.0
+
+        return {
+            "kd_aligned_fraction": frac(self.matched),
+            "kd_one_to_one_fraction": frac(self.aligned),
+            "kd_agree_fraction": frac(self.agree),
+        }
+
+
+def _widen(a: np.ndarray, width: int, fill: float, dtype) -> np.ndarray:
+    out = np.full((a.shape[0], width), fill, dtype=dtype)
+    out[:, : a.shape[1]] = a
+    return out
 
 
 class TargetDataset(TokenizedDataset):
