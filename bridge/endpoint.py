@@ -496,12 +496,7 @@ class Endpoint:
             return inc
 
     def _on_chunk(self, h: Header, data: bytes) -> None:
-        if not h.blob or h.csize <= 0:
-            raise MalformedMessage("chunk without blob hash or chunk size")
-        try:
-            ref = BlobRef(h.blob, h.bsize, h.csize)
-        except ValueError as exc:
-            raise MalformedMessage(f"bad blob reference in chunk header: {exc}") from None
+        ref = chunk_ref(h)
         if (h.sender, ref.sha256) not in self._incoming:
             self._admit(h, ref)  # before anything is held for it
         inc = self._incoming_for(ref, h.sender, h.round)
@@ -662,6 +657,16 @@ class Endpoint:
                 else:
                     inc.assembly.abort()
                 del self._incoming[key]
+
+
+def chunk_ref(h: Header) -> BlobRef:
+    """The blob a chunk's (authenticated) header names, or MalformedMessage."""
+    if not h.blob or h.csize <= 0:
+        raise MalformedMessage("chunk without blob hash or chunk size")
+    try:
+        return BlobRef(h.blob, h.bsize, h.csize)
+    except ValueError as exc:
+        raise MalformedMessage(f"bad blob reference in chunk header: {exc}") from None
 
 
 def _presence(state: str) -> bytes:

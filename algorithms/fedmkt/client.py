@@ -160,20 +160,7 @@ class FedMKTClient(ClientAlgorithm):
             load_adapter_state(model, from_wire(unpack_state(family)))
         else:
             store.load_latest(model, before=task.round)
-        public = public_from_arrays(unpack_state(downloads["public"]))
-        own_ids = encode_public(tok, public, cfg.public_block_size)
-        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-
-        def payload():
-            return model_payload(
-                forward_of(model),
-                own_ids,
-                k=cfg.k,
-                vocab_size=own_vocab.size,
-                pad_id=pad,
-                batch_size=cfg.payload_batch_size,
-            )
-
+        public, own_ids, payload = _public_payload(cfg, downloads, tok, model, own_vocab.size)
         before = held_out_metrics(ctx, cfg.eval_block_size)
         private = ctx.private_data()
         kd = {}
@@ -270,21 +257,9 @@ class FedMKTClient(ClientAlgorithm):
             last = store.load_latest(model)
         out = {}
         if "llm_topk" in downloads:
-            tok = ctx.tokenizer()
-            public = public_from_arrays(unpack_state(downloads["public"]))
-            own_ids = encode_public(tok, public, cfg.public_block_size)
-            pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-
-            def payload():
-                return model_payload(
-                    forward_of(model),
-                    own_ids,
-                    k=cfg.k,
-                    vocab_size=self._own_vocab(ctx)[0].size,
-                    pad_id=pad,
-                    batch_size=cfg.payload_batch_size,
-                )
-
+            public, own_ids, payload = _public_payload(
+                cfg, downloads, ctx.tokenizer(), model, self._own_vocab(ctx)[0].size
+            )
             seed_round = (last if last is not None else int(getattr(ctx, "round", 0) or 0)) + 1
             out["kd_final"] = self._distil_from_llm(
                 cfg, downloads, ctx, public, own_ids, payload, seed_round
@@ -294,3 +269,23 @@ class FedMKTClient(ClientAlgorithm):
             **{f"{k}_final": v for k, v in held_out_metrics(ctx, cfg.eval_block_size).items()},
             **out,
         }
+
+
+def _public_payload(cfg, downloads, tok, model, vocab_size: int):
+    """D_p as sent, its token ids under this device's tokenizer, and a function that computes
+    this model's top-k payload on it (used for the round's upload and for the KD steps)."""
+    public = public_from_arrays(unpack_state(downloads["public"]))
+    own_ids = encode_public(tok, public, cfg.public_block_size)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+
+    def payload():
+        return model_payload(
+            forward_of(model),
+            own_ids,
+            k=cfg.k,
+            vocab_size=vocab_size,
+            pad_id=pad,
+            batch_size=cfg.payload_batch_size,
+        )
+
+    return public, own_ids, payload

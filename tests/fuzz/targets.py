@@ -54,6 +54,7 @@ from algorithms.base import AlgorithmError, unpack_state
 from algorithms.fedmkt.payload import LogitsPayload, PayloadError
 from bridge.blobs import MAX_BLOB_BYTES, Assembly
 from bridge.codec import decode, encode
+from bridge.endpoint import chunk_ref
 from bridge.envelope import _PREFIX, MAGIC, SIG_LEN, Header, Sealer, _digest, _direct_key
 from bridge.errors import BlobIntegrityError, BridgeError, MalformedMessage, OversizedMessage
 from bridge.keys import Directory, Identity
@@ -185,12 +186,7 @@ def seal_header(head: bytes, body: bytes) -> tuple[bytes, bool]:
 def assemble_chunk(h: Header, data: bytes) -> None:
     """What :meth:`Endpoint._on_chunk` does with one chunk (without the endpoint's state):
     header -> BlobRef -> Assembly -> add, raising only BridgeError."""
-    if not h.blob or h.csize <= 0:
-        raise MalformedMessage("chunk without blob hash or chunk size")
-    try:
-        ref = BlobRef(h.blob, h.bsize, h.csize)
-    except ValueError as exc:
-        raise MalformedMessage(f"bad blob reference in chunk header: {exc}") from None
+    ref = chunk_ref(h)  # the endpoint's own header -> BlobRef step
     # in memory whatever the declared size: a fuzz run must not write sparse files
     a = Assembly(ref, spill_threshold=MAX_BLOB_BYTES)
     try:
