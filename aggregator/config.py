@@ -83,6 +83,9 @@ class AggregatorConfig:
     #: the read-only status page and Prometheus /metrics (aggregator/status_http.py); off when
     #: empty: {"port": 9464, "host": "127.0.0.1", "token_env": "VAR holding a bearer token"}
     status_http: dict = field(default_factory=dict)
+    #: client-level differential privacy (aggregator/dp.py): {"mode": "central"|"local", "clip",
+    #: "noise_multiplier" or "target_epsilon", "delta", "epsilon_budget", "expected_clients"}
+    dp: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.rounds < 1:
@@ -112,6 +115,14 @@ class AggregatorConfig:
             try:
                 StatusHTTPConfig.parse(self.status_http)
             except (TypeError, ValueError) as exc:
+                raise ConfigError(str(exc)) from None
+        if self.dp:
+            from .dp import DPConfigError, ServerDP
+
+            try:
+                ServerDP.build(self.dp, algorithm=self.algorithm, rule=self.aggregation, fraction=self.fraction,
+                               rounds=self.rounds, mode=self.mode)
+            except DPConfigError as exc:
                 raise ConfigError(str(exc)) from None
         if self.ingest_workers < 0:
             raise ConfigError("ingest_workers must be >= 0")

@@ -35,6 +35,8 @@ from . import metrics as _metrics
 from .aggregation import Aggregator
 from .config import AggregatorConfig
 from .context import ServerContext
+from .dp import PrivacyBudgetExhausted, spent_rounds
+from .dp import epsilon as dp_epsilon
 from .errors import AggregatorError, StateError
 from .ingest import RoundIngest
 from .ingest_log import IngestLog
@@ -98,6 +100,10 @@ class AggregatorService:
             self.buffered = BufferedRounds(self)
         self.intake = UpdateIntake(self.endpoint, self.algorithm, self.rule, config, None, stop=self._stop,
                                    progress=self.progress, on_other=self._on_other)
+        self.dp = self.intake.dp  # client-level DP (aggregator/dp.py), None when off
+        self._pool_size = 0
+        self.stopped_by = None  # a PrivacyBudgetExhausted that ended the federation early
+        self._dp_plan: dict = {}
         self.status_http = start_status_http(self)  # the read-only page and /metrics, when configured
 
     # -- lifecycle ------------------------------------------------------------------------
@@ -140,7 +146,11 @@ class AggregatorService:
                         break
                     nxt = info.round + 1
                     selected = self.buffered.participants(nxt) if self.buffered else self._select(nxt)
+                    if self.dp is not None and not self._dp_may_open(nxt, len(selected)):
+                        break
                     info = self.store.open_round(selected, deadline=time.time() + self.cfg.round_deadline_s)
+                    if self.dp is not None:  # the round's sampling rate, for its release (after a restart too)
+                        self.store.record_event("dp_planned", round=info.round, detail=json.dumps(self._dp_plan))
                     _event("round_opened", round=info.round, selected=len(info.selected),
                            first=list(info.selected[:20]))
                     _metrics.round_opened()
@@ -152,7 +162,7 @@ class AggregatorService:
                 else:
                     self._run_round(info.round)
             if not self._stop.is_set():
-                self._finish()
+                self._finish(self.store.current_round().round if self.stopped_by else None)
         finally:
             if self.workers is not None:
                 self.workers.stop()
@@ -168,6 +178,7 @@ class AggregatorService:
         at least ``min_clients``."""
         pool = self._pool(round)
         k = min(len(pool), max(self.cfg.min_clients, round_half_up(self.cfg.fraction * len(pool))))
+        self._pool_size = len(pool)
         rng = random.Random(f"{self.cfg.seed}:{round}")
         return sorted(rng.sample(sorted(pool), k))
 
@@ -230,8 +241,11 @@ class AggregatorService:
         quorum = self.cfg.quorum_count(len(info.selected))
         if len(accepted) >= quorum and agg.count == len(accepted):
             aggregate = agg.result(cast=False)
+            dp_metrics = {}
+            if self.dp is not None:
+                aggregate, dp_metrics = self._dp_release(r, aggregate, agg.count, spec, len(info.selected))
             outcome = self.algorithm.finish_round(r, state, aggregate)
-            metrics = {**outcome.metrics, "accepted": len(accepted), "quorum": quorum,
+            metrics = {**outcome.metrics, **dp_metrics, "accepted": len(accepted), "quorum": quorum,
                        "seconds": round(time.time() - t0, 3)}
             if ingest is not None:
                 metrics["ingest"] = dict(ingest.stats)
@@ -241,6 +255,8 @@ class AggregatorService:
         else:
             metrics = {"skipped": f"quorum not met: {len(accepted)} < {quorum}", "accepted": len(accepted),
                        "quorum": quorum, "seconds": round(time.time() - t0, 3)}
+            if self.dp is not None:  # nothing released, nothing spent: the running total carries over
+                metrics["dp_epsilon"] = self._dp_spent_epsilon(r - 1)
             self.store.close_round(r, state, metrics)
             self.progress(f"round {r}: quorum not met ({len(accepted)}/{quorum}); global state unchanged")
         _event("round_committed", round=r, **metrics)
@@ -300,6 +316,47 @@ class AggregatorService:
         _event("workers_merged", round=r, workers=n, accepted=merged.count)
         return merged
 
+    # -- differential privacy (aggregator/dp.py) ---------------------------------------------
+    def _dp_spent(self, last_round: int) -> list[tuple[float, float]]:
+        # a committed round's metrics never change: read each once (not all rounds every round)
+        cache = self.__dict__.setdefault("_dp_metrics", {})
+
+        def metrics(i: int) -> dict:
+            if i not in cache:
+                info = self.store.round_info(i)
+                if info.status != "committed":
+                    return info.metrics
+                cache[i] = info.metrics
+            return cache[i]
+
+        return spent_rounds(metrics, last_round)
+
+    def _dp_spent_epsilon(self, last_round: int) -> float:
+        c = self.dp.cfg
+        return dp_epsilon(self._dp_spent(last_round), c.delta, mode=c.mode, accountant=c.accountant)
+
+    def _dp_may_open(self, r: int, selected: int) -> bool:
+        """Whether round ``r`` fits the privacy budget; when not, the refusal is logged and
+        recorded, and no round is opened."""
+        q = min(1.0, selected / max(1, self._pool_size or selected))
+        try:
+            nxt = self.dp.check_budget(r, q, self._dp_spent(r - 1))
+        except PrivacyBudgetExhausted as exc:
+            self.stopped_by = exc
+            _event("dp_budget_exhausted", round=r, epsilon_next=exc.epsilon_next, budget=exc.budget,
+                   epsilon_spent=exc.epsilon_spent)
+            self.store.record_event("dp_budget_exhausted", reason="dp_budget", detail=str(exc))
+            self.progress(str(exc))
+            return False
+        self._dp_plan = {"q": q, "epsilon_after": nxt}
+        return True
+
+    def _dp_release(self, r: int, mean: dict, count: int, spec: UpdateSpec, selected: int) -> tuple[dict, dict]:
+        q = 1.0  # conservative when the planned rate was not recorded
+        for ev in self.store.events(round=r, kind="dp_planned")[-1:]:
+            q = float(json.loads(ev.detail)["q"])
+        return self.dp.release(mean, count, spec, selected=selected, round=r, q=q, spent=self._dp_spent(r - 1))
+
     def _retire(self, r: int, agg: Aggregator, ingest: RoundIngest | None) -> None:
         """After a commit: the round's log, partial checkpoint and spills go; global states
         beyond the retention window go too."""
@@ -334,7 +391,8 @@ class AggregatorService:
         for i, c in enumerate(clients):
             if i % 256 == 0 and self._stop.is_set():
                 return
-            self.endpoint.send(c, Task(round=r, algorithm=self.cfg.algorithm, config=plan.config, downloads=refs,
+            config = plan.config if self.dp is None else {**plan.config, "dp": self.dp.cfg.task_config()}
+            self.endpoint.send(c, Task(round=r, algorithm=self.cfg.algorithm, config=config, downloads=refs,
                                        deadline=deadline), round=r)
         _event("tasks_sent", round=r, clients=len(clients), blobs={k: v["size"] for k, v in refs.items()})
 
@@ -363,21 +421,24 @@ class AggregatorService:
             _event("ignored", client=inbound.sender, type=msg.TYPE)
 
     # -- end of the federation -------------------------------------------------------------
-    def _finish(self) -> None:
+    def _finish(self, final_round: int | None = None) -> None:
+        """``final_round``: the last committed round when the federation ended early (privacy
+        budget spent), else the configured number of rounds."""
+        final_round = self.cfg.rounds if final_round is None else final_round
         state = self.store.load_global().tensors
         clients = self.party.directory.clients()
         blobs = self.algorithm.final_blobs(state)
-        refs = {n: self._distribute(clients, b, n, self.cfg.rounds) for n, b in blobs.items()}
+        refs = {n: self._distribute(clients, b, n, final_round) for n, b in blobs.items()}
         for c in clients:
             self.endpoint.send(c, Note("done", {"downloads": refs, "config": self.algorithm.client_config(),
-                                                "algorithm": self.cfg.algorithm, "rounds": self.cfg.rounds,
-                                                "stop": self.cfg.stop_clients_when_done}, round=self.cfg.rounds),
-                               round=self.cfg.rounds)
-        self.progress(f"federation finished after {self.cfg.rounds} rounds; final model sent to {len(clients)} clients")
+                                                "algorithm": self.cfg.algorithm, "rounds": final_round,
+                                                "stop": self.cfg.stop_clients_when_done}, round=final_round),
+                               round=final_round)
+        self.progress(f"federation finished after {final_round} rounds; final model sent to {len(clients)} clients")
         if self.workers is not None:
             return  # the workers read the up topics; they record the final evaluations
         # collect the final evaluations of the last round's participants, for reports
-        last = self.store.load_round(self.cfg.rounds, with_partial=False).accepted
+        last = self.store.load_round(final_round, with_partial=False).accepted
         deadline = time.time() + self.cfg.final_wait_s
         waiting = set(last) & set(self._online(clients))
         while waiting and time.time() < deadline and not self._stop.is_set():
@@ -385,7 +446,7 @@ class AggregatorService:
             if inbound is not None and self.logits_server is not None and self.logits_server.handle(inbound):
                 continue
             if inbound is not None and isinstance(inbound.message, Note) and inbound.message.kind == "final":
-                self.store.record_event("final_metrics", round=self.cfg.rounds, client=inbound.sender,
+                self.store.record_event("final_metrics", round=final_round, client=inbound.sender,
                                         detail=json.dumps(inbound.message.data))
                 waiting.discard(inbound.sender)
 

@@ -1089,6 +1089,10 @@ class StateStore:
         number = self._max_round()
         return None if number is None else self._round_info(number)
 
+    def round_info(self, round: int) -> RoundInfo:
+        """One round's row (status, digests, metrics) without its participants."""
+        return self._round_info(round)
+
     def load_round(self, round: int, *, with_partial: bool = True) -> RoundState:
         info = self._round_info(round)
         rows = self._db.execute(

@@ -23,6 +23,7 @@ from bridge.errors import BridgeError
 from bridge.messages import ErrorReport, Note, Update
 
 from . import metrics as _metrics
+from .dp import ServerDP
 from .errors import InvalidUpdate
 from .ingest import RoundIngest
 from .intake import check_update
@@ -56,6 +57,9 @@ class UpdateIntake:
         self.current_round = 0
         #: None: synchronous rounds; else the buffered-rounds policy (aggregator/buffered_rounds.py)
         self.mode = None
+        #: client-level DP (aggregator/dp.py): clipped updates, unit weights; None when off
+        self.dp = ServerDP.build(getattr(cfg, "dp", None), algorithm=cfg.algorithm, rule=rule,
+                                 fraction=cfg.fraction, rounds=cfg.rounds, mode=cfg.mode)
         self.awaiting: dict[str, tuple[Update, Any, float]] = {}
         self.rejections: list[tuple[int, str, str, str]] = []
         #: (round, sender, reason) -> [frames, first at, last at, first detail]
@@ -159,6 +163,10 @@ class UpdateIntake:
             fold: dict = {}
             if self.mode is not None:  # buffered rounds: a delta against the version it trained on
                 checked, weight, fold, digest = self.mode.prepare(r, client, upd, tensors)
+            elif self.dp is not None:  # clipped to C, unweighted (aggregator/dp.py)
+                checked, weight = self.dp.check(tensors, spec, client, max_norm=self.cfg.max_norm,
+                                                clip=self.cfg.clip)
+                digest = None
             else:
                 checked = check_update(self.algorithm, self.rule, tensors, spec, client=client,
                                        max_norm=self.cfg.max_norm, clip=self.cfg.clip)

@@ -36,7 +36,16 @@ Figures (last line ``BENCH quality {...}``):
     python bench/quality.py --algorithm fedcollm,fedpt --quick
     python bench/quality.py --algorithm fedbiot --quick
     python bench/quality.py --algorithm fedmkt --quick
+- fedavg ``--dp``: DP-FedAvg (client-level central DP, :mod:`aggregator.dp`) at epsilon 1, 4
+  and 8 (delta 1e-5, every client in every round: q = 1, no amplification by sampling) against
+  the same non-private FedAvg: the SLM's mean test NLL of each, ``nll_ratio`` to the
+  non-private run, the noise multiplier the accountant solved for, and the L2 norm of the
+  noise on the mean beside the clip (``noise_norm_over_clip``: the noise dominates until there
+  are about that many clients per round). The clip C is the non-private run's round-1 global
+  delta norm (``--dp-clip`` overrides; chosen on a non-private run, as DP papers do).
+
     python bench/quality.py --algorithm fedavg --async --quick
+    python bench/quality.py --algorithm fedavg --dp --quick
 """
 
 from __future__ import annotations
@@ -556,11 +565,21 @@ def main() -> int:
                     default="polynomial")
     ap.add_argument("--server-lr", type=float, default=1.0)
     ap.add_argument("--seed", type=int, default=0, help="--async: seed of the client speeds")
+    ap.add_argument("--dp", action="store_true",
+                    help="with --algorithm fedavg: DP-FedAvg at epsilon 1, 4, 8 vs non-private FedAvg")
+    ap.add_argument("--dp-epsilons", default="1,4,8")
+    ap.add_argument("--dp-delta", type=float, default=1e-5)
+    ap.add_argument("--dp-clip", type=float, default=None,
+                    help="--dp: the clip C (default: the non-private run's round-1 global delta norm)")
     ap.add_argument("--async-max-factor", type=int, default=2,
                     help="--async: FedBuff stops after this many times the synchronous run's "
                          "client updates even if the synchronous wall time is not reached")
     args = ap.parse_args()
     algos = [a for a in args.algorithm.split(",") if a]
+    if args.dp:
+        if algos != ["fedavg"] or args.async_:
+            ap.error("--dp runs DP-FedAvg: use --algorithm fedavg --dp")
+        return run_dp(args)
     if args.async_ or "fedavg" in algos:
         if algos != ["fedavg"] or not args.async_:
             ap.error("--async compares FedAvg only: use --algorithm fedavg --async")
@@ -585,6 +604,73 @@ def main() -> int:
     b.say(f"wrote {out / f'quality-{tag}.json'} and .png")
     print("BENCH quality " + json.dumps(fig), flush=True)
     return 0
+
+
+def run_dp(args) -> int:
+    """DP-FedAvg at several epsilons against the non-private FedAvg (same clients, rounds, steps)."""
+    import numpy as np
+
+    from cotune.simulate import simulate
+
+    b = Bench(args)
+    if args.quick and not args.rounds:  # a few minutes: four runs of the federation
+        b.s["rounds"] = 3
+        b.s["fedavg"]["train"]["max_steps"] = 30
+    rounds, n = b.s["rounds"], len(b.domains)
+    b.zero_shot()
+    res = simulate("fedavg", b.s["fedavg"], b._server_ctx(), b._clients(), rounds, progress=None)
+    base = b._final_slm(res)
+    clip = args.dp_clip or float(res.rounds[0].server["global_delta_norm"])
+    dims = sum(int(np.prod(v.shape)) for v in res.state.values())
+    runs = {"non_private": {"nll": b.mean(base), "per_domain": base}}
+    b.say(f"non-private FedAvg: mean test NLL {b.mean(base):.4f}; clip C = {clip:.4g}, {dims} adapter values")
+    for eps in [float(e) for e in args.dp_epsilons.split(",") if e]:
+        dp = {"mode": "central", "clip": clip, "target_epsilon": eps, "delta": args.dp_delta, "seed": 0}
+        r = simulate("fedavg", b.s["fedavg"], b._server_ctx(), b._clients(), rounds, progress=None, dp=dp)
+        per = b._final_slm(r)
+        m = r.rounds[-1].server
+        z = m["dp"]["noise_multiplier"]
+        runs[f"eps_{eps:g}"] = {"epsilon_target": eps, "epsilon": m["dp_epsilon"], "noise_multiplier": z,
+                                "nll": b.mean(per), "per_domain": per,
+                                "noise_norm_over_clip": z * math.sqrt(dims) / n}
+        b.say(f"DP-FedAvg eps {eps:g}: z {z:.3f}, spent {m['dp_epsilon']:.3f}, mean test NLL {b.mean(per):.4f}")
+    fig = {"rounds": rounds, "clients_per_round": n, "clip": clip, "delta": args.dp_delta,
+           "nll_zero_shot": b.mean(b.results["slm_zero_shot"]), "nll_non_private": runs["non_private"]["nll"],
+           **{f"{k}_nll": v["nll"] for k, v in runs.items() if k != "non_private"},
+           **{f"{k}_nll_ratio": v["nll"] / runs["non_private"]["nll"] for k, v in runs.items() if k != "non_private"},
+           **{f"{k}_z": v["noise_multiplier"] for k, v in runs.items() if k != "non_private"},
+           **{f"{k}_noise_norm_over_clip": v["noise_norm_over_clip"] for k, v in runs.items() if k != "non_private"}}
+    b.results["dp"] = runs
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    tag = "fedavg-dp" + ("-quick" if args.quick else "")
+    (out / f"quality-{tag}.json").write_text(json.dumps({"figures": fig, **b.results}, indent=2, default=str))
+    _plot_dp(out / f"quality-{tag}.png", runs, fig)
+    b.say(f"wrote {out / f'quality-{tag}.json'} and .png")
+    print("BENCH quality " + json.dumps(fig), flush=True)
+    return 0
+
+
+def _plot_dp(path: Path, runs: dict, fig: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    eps = [(v["epsilon_target"], v["nll"]) for k, v in runs.items() if k != "non_private"]
+    f, ax = plt.subplots(figsize=(5.5, 3.6))
+    ax.plot([e for e, _ in eps], [v for _, v in eps], "o-", label="DP-FedAvg (central, q = 1)")
+    ax.axhline(runs["non_private"]["nll"], color="k", ls="--", label="FedAvg, non-private")
+    if fig.get("nll_zero_shot") is not None:
+        ax.axhline(fig["nll_zero_shot"], color="grey", ls=":", label="zero-shot SLM")
+    ax.set_xlabel(f"epsilon (delta {fig['delta']:g}, {fig['rounds']} rounds)")
+    ax.set_yscale("log")
+    ax.set_ylabel("mean held-out NLL (log scale)")
+    ax.set_title(f"client-level DP, {fig['clients_per_round']} clients per round")
+    ax.legend(fontsize=8)
+    f.tight_layout()
+    f.savefig(path, dpi=120)
+    plt.close(f)
 
 
 def run_async(args) -> int:

@@ -29,6 +29,7 @@ import numpy as np
 
 from aggregator.buffered import BufferedConfig, DeltaBuffer, check_staleness, client_delta
 from aggregator.context import ServerContext
+from aggregator.dp import ServerDP
 from aggregator.errors import InvalidUpdate, SpecError
 from aggregator.intake import COLLECT, aggregation_rule, check_update, open_aggregator
 from aggregator.validation import UpdateSpec
@@ -60,8 +61,10 @@ def simulate(algorithm: str, config: Mapping[str, Any], server_ctx: ServerContex
              clients: list[DeviceContext], rounds: int, *, aggregation: str = "fedavg",
              progress: Callable[[str], Any] | None = print,
              after_round: Callable[[int, State, Any], None] | None = None,
-             apply_final: bool = True, timing: ClientTiming | None = None) -> SimResult:
-    """Synchronous rounds. ``timing`` only adds the simulated wall time of each round
+             apply_final: bool = True, timing: ClientTiming | None = None,
+             dp: Mapping[str, Any] | None = None) -> SimResult:
+    """Synchronous rounds. ``dp``: client-level differential privacy, the service's ``dp``
+    config (:mod:`aggregator.dp`; every client takes part in every round, so q = 1). ``timing`` only adds the simulated wall time of each round
     (``SimRound.sim_seconds``: the slowest selected client's task); it changes nothing else,
     and a timing with dropouts is refused (this mode has no deadline to close a round on)."""
     if timing is not None and timing.dropout > 0:
@@ -73,6 +76,8 @@ def simulate(algorithm: str, config: Mapping[str, Any], server_ctx: ServerContex
     halves = {c.party_id: spec.client() for c in clients}
     say = progress or (lambda *_: None)
     rule = aggregation_rule(server, aggregation)
+    server_dp = ServerDP.build(dp, algorithm=algorithm, rule=rule, rounds=rounds)
+    spent: list[tuple[float, float]] = []
     state = initial = server.initial_state()
     history: list[SimRound] = []
     for r in range(1, rounds + 1):
@@ -81,22 +86,33 @@ def simulate(algorithm: str, config: Mapping[str, Any], server_ctx: ServerContex
         uspec = UpdateSpec.from_state(server.update_spec_state(state))
         agg = open_aggregator(rule, uspec)  # spilling rules: a temporary directory, discarded below
         rec = SimRound(r)
-        task = Task(round=r, algorithm=algorithm, config=plan.config)
+        task = Task(round=r, algorithm=algorithm, config=plan.config if server_dp is None
+                    else {**plan.config, "dp": server_dp.cfg.task_config()})
         for ctx in clients:
             ctx.round = r
             half = halves[ctx.party_id]
             report = half.run(task, _needed(half, plan.blobs, ctx), ctx)
-            checked = check_update(server, rule, report.tensors, uspec, client=ctx.party_id)
-            agg.add(ctx.party_id, checked.tensors, weight=server.update_weight(report.metrics, report.num_examples))
+            if server_dp is not None:  # the service's DP intake: clipped, unweighted
+                checked, weight = server_dp.check(report.tensors, uspec, ctx.party_id)
+            else:
+                checked = check_update(server, rule, report.tensors, uspec, client=ctx.party_id)
+                weight = server.update_weight(report.metrics, report.num_examples)
+            agg.add(ctx.party_id, checked.tensors, weight=weight)
             rec.clients[ctx.party_id] = report.metrics
             say(f"round {r}: {ctx.party_id} trained on {report.num_examples} examples")
+        dp_metrics: dict = {}
         try:
-            outcome = server.finish_round(r, state, agg.result(cast=False))
+            aggregate = agg.result(cast=False)
+            if server_dp is not None:  # noise on the clipped sum, fixed denominator (the service's release)
+                aggregate, dp_metrics = server_dp.release(aggregate, agg.count, uspec, selected=len(clients),
+                                                          round=r, q=1.0, spent=spent)
+                spent.append((1.0, float(server_dp.cfg.noise_multiplier)))
+            outcome = server.finish_round(r, state, aggregate)
         finally:
             if hasattr(agg, "discard"):
                 agg.discard()
         state = outcome.state
-        rec.server = outcome.metrics
+        rec.server = {**outcome.metrics, **dp_metrics}
         rec.seconds = time.perf_counter() - t0
         if clock is not None:
             rec.sim_seconds = max(clock.task_seconds(c.party_id) for c in clients)

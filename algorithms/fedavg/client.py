@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import zlib
 from collections.abc import Mapping
 
 from algorithms.base import ClientAlgorithm, ClientReport, unpack_state
@@ -27,7 +28,8 @@ class FedAvgClient(ClientAlgorithm):
     name = "fedavg"
 
     def run(self, task, downloads: Mapping[str, bytes], ctx) -> ClientReport:
-        cfg = FedAvgConfig.from_dict(task.config)
+        dp = task.config.get("dp")  # client-level DP: clip (and, local mode, noise) before upload
+        cfg = FedAvgConfig.from_dict({k: v for k, v in task.config.items() if k != "dp"})
         use_sent_base(downloads, ctx)
         model = ctx.model(cfg.lora_spec())
         load_adapter_state(model, from_wire(unpack_state(downloads["global"])))
@@ -37,8 +39,13 @@ class FedAvgClient(ClientAlgorithm):
         after = held_out_metrics(ctx, cfg.eval_block_size)
         metrics = {"train": result.to_dict(), **{f"{k}_before": v for k, v in before.items()},
                    **{f"{k}_after": v for k, v in after.items()}}
-        return ClientReport(num_examples=len(data), tensors=to_wire(adapter_state(model), cfg.wire_dtype),
-                            metrics=metrics)
+        tensors = to_wire(adapter_state(model), cfg.wire_dtype)
+        if dp:
+            from aggregator.dp import privatize_upload
+
+            tensors = privatize_upload(tensors, unpack_state(downloads["global"]), dp,
+                                       salt=zlib.crc32(f"{ctx.party_id}:{task.round}".encode()))
+        return ClientReport(num_examples=len(data), tensors=tensors, metrics=metrics)
 
     def apply_final(self, downloads: Mapping[str, bytes], ctx, config: Mapping | None = None) -> dict:
         cfg = FedAvgConfig.from_dict(dict(config or {}))
