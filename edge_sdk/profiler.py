@@ -183,6 +183,22 @@ def _check_args(ns: argparse.Namespace) -> None:
         raise ProfileUsageError("--app-reserve must be >= 0")
 
 
+def _absolutize(ns: argparse.Namespace) -> None:
+    """Resolve the user's paths against the caller's working directory, once, before anything
+    reaches a worker subprocess (which runs in the repository root): ``--model``, ``--data``
+    (unless ``zoo:``), ``--out`` and ``--export-dir``. ``~`` is expanded."""
+
+    def absolute(p: str) -> str:
+        return str(Path(os.path.expanduser(p)).absolute())
+
+    ns.model = absolute(ns.model)
+    if not ns.data.startswith("zoo:"):
+        ns.data = absolute(ns.data)
+    ns.out = absolute(ns.out)
+    if ns.export_dir is not None:
+        ns.export_dir = absolute(ns.export_dir)
+
+
 def _load_texts(data: str) -> list[str]:
     """``zoo:DOMAIN`` (the bundled private split) or a UTF-8 file, one sample per line."""
     if data.startswith("zoo:"):
@@ -862,6 +878,7 @@ def profile_cli(argv: Sequence[str]) -> int:
     notes: list[str] = []
     try:
         _check_args(ns)
+        _absolutize(ns)
         prof = get_profile(ns.device)
         if ns.os_reserved is not None:
             prof = prof.with_overrides(os_reserved_bytes=int(ns.os_reserved * MIB))

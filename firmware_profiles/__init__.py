@@ -13,6 +13,7 @@ Standard library only, so it runs anywhere::
 from __future__ import annotations
 
 from .errors import DoesNotFit, ModelConfigError, ProfileError, UnknownProfileError, WorkloadError
+from .families import FAMILIES, Family, family_of
 from .planner import (
     DEFAULT_APP_RESERVE_BYTES,
     ModelShape,
@@ -29,7 +30,9 @@ from .profiles import DeviceProfile, get_profile, host_memory, list_profiles, lo
 
 __all__ = [
     "DEFAULT_APP_RESERVE_BYTES",
+    "FAMILIES",
     "DeviceProfile",
+    "Family",
     "DoesNotFit",
     "ModelConfigError",
     "ModelShape",
@@ -38,6 +41,7 @@ __all__ = [
     "UnknownProfileError",
     "Workload",
     "WorkloadError",
+    "family_of",
     "fmt_bytes",
     "get_profile",
     "host_memory",

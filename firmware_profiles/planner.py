@@ -76,6 +76,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import DoesNotFit, ModelConfigError, WorkloadError
+from .families import FAMILIES, LM_HEAD, Family, Linear, fallback_family, layer_linears
 from .profiles import GIB, MIB, QUANT_MODES, DeviceProfile, get_profile
 
 __all__ = [
@@ -136,19 +137,11 @@ DEFAULT_APP_RESERVE_BYTES = 256 * MIB
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 OPTIMIZERS = ("adamw", "adamw8bit", "sgd", "sgd_momentum")
 ATTENTION = ("auto", "sdpa", "eager")
-#: The canonical LoRA targets per architecture; ``algorithms.core.modeling`` extends this table.
-_LLAMA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+#: The default LoRA targets per architecture, from the one family table
+#: (:mod:`firmware_profiles.families`) that the loader reads too.
 DEFAULT_LORA_TARGETS: dict[str, tuple[str, ...]] = {
-    "llama": _LLAMA_TARGETS,
-    "mistral": _LLAMA_TARGETS,
-    "qwen2": _LLAMA_TARGETS,
-    "qwen3": _LLAMA_TARGETS,
-    "gemma": _LLAMA_TARGETS,
-    "gemma2": _LLAMA_TARGETS,
-    "gpt2": ("c_attn", "c_proj", "c_fc"),
+    mt: fam.default_targets for mt, fam in FAMILIES.items()
 }
-#: the output layer's name as a LoRA target (every architecture here: transformers' lm_head)
-LM_HEAD = "lm_head"
 
 
 def targets_for_model_type(target_modules: Any, model_type: str | None) -> Any:
@@ -187,20 +180,6 @@ def fmt_bytes(n: float) -> str:
 
 # ------------------------------------------------------------------------------------------
 # model shape
-
-
-@dataclass(frozen=True)
-class Linear:
-    """One linear layer of a decoder block: ``name`` (the LoRA target name), sizes, bias."""
-
-    name: str
-    in_features: int
-    out_features: int
-    bias: bool = False
-
-    @property
-    def numel(self) -> int:
-        return self.in_features * self.out_features
 
 
 def _get(cfg: Mapping[str, Any], *keys: str, default: Any = None) -> Any:
@@ -248,9 +227,10 @@ def load_model_config(source: str | Path | Mapping[str, Any]) -> dict[str, Any]:
 class ModelShape:
     """What the planner needs from a Hugging Face ``config.json``.
 
-    ``family`` is ``"llama"`` (Llama, Qwen2/3, Mistral, Gemma: RMSNorm, RoPE, SwiGLU-style
-    gated MLP, grouped-query attention) or ``"gpt2"`` (LayerNorm, learned positions, GELU MLP,
-    fused qkv ``Conv1D``).
+    ``family`` is the memory model's style: ``"llama"`` (Llama, Qwen2/3, Mistral, Gemma,
+    Phi-3: RMSNorm, RoPE, gated MLP, grouped-query attention) or ``"gpt2"`` (GPT-2, GPT-NeoX,
+    OPT, Falcon: LayerNorm, ungated MLP). The layer's linear layers (names, fused projections,
+    default LoRA targets) come from :attr:`description`, the family table's entry.
     """
 
     family: str
@@ -272,8 +252,14 @@ class ModelShape:
     attn_dropout: float = 0.0
     resid_dropout: float = 0.0
     embd_dropout: float = 0.0
+    lm_head_in: int | None = None  # the LM head's input width when it is not hidden_size
     name: str = ""
     notes: tuple[str, ...] = ()
+
+    @property
+    def description(self) -> Family:
+        """This model type's entry in the family table (a llama-style guess when unknown)."""
+        return FAMILIES.get(self.model_type) or fallback_family(self.model_type)
 
     @classmethod
     def from_config(cls, source: str | Path | Mapping[str, Any]) -> ModelShape:
@@ -311,14 +297,19 @@ class ModelShape:
                 embd_dropout=float(cfg.get("embd_pdrop", 0.1)),
                 name=name,
             )
+        if mt in FAMILIES and FAMILIES[mt].style == "gpt2":
+            return cls._gpt_style(cfg, FAMILIES[mt], name)
         if "hidden_size" not in cfg or "num_hidden_layers" not in cfg:
             raise ModelConfigError(
                 f"unsupported model config (model_type {mt!r}): the planner understands "
                 "llama/qwen2/mistral-style configs (hidden_size, intermediate_size, "
                 "num_hidden_layers, num_attention_heads) and gpt2-style ones (n_embd, n_layer)"
             )
-        if mt not in DEFAULT_LORA_TARGETS:
-            notes.append(f"model_type {mt!r} treated as a llama-style decoder")
+        if mt not in FAMILIES:
+            notes.append(
+                f"model_type {mt!r} treated as a llama-style decoder (the loader has no default "
+                "LoRA targets for it: pass target_modules)"
+            )
         h = _int(cfg, "hidden_size")
         heads = _int(cfg, "num_attention_heads")
         kv = _int(cfg, "num_key_value_heads", default=heads)
@@ -341,7 +332,9 @@ class ModelShape:
             num_heads=heads,
             num_kv_heads=kv,
             head_dim=int(head_dim),
-            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", mt in ("gemma", "gemma2"))),
+            tie_word_embeddings=bool(
+                cfg.get("tie_word_embeddings", mt in FAMILIES and FAMILIES[mt].tied_by_default)
+            ),
             max_positions=_get(cfg, "max_position_embeddings"),
             qkv_bias=qkv_bias,
             o_bias=attention_bias,
@@ -353,41 +346,106 @@ class ModelShape:
             notes=tuple(notes),
         )
 
+    @classmethod
+    def _gpt_style(cls, cfg: Mapping[str, Any], fam: Family, name: str) -> ModelShape:
+        """GPT-NeoX, OPT and Falcon: LayerNorm decoders with an ungated MLP whose config
+        fields differ from Llama's (``ffn_dim`` / ``ffn_hidden_size``, Falcon's multi-query
+        and new-architecture kv heads, OPT's word-embedding projection)."""
+        mt = fam.model_type
+        h = _int(cfg, "hidden_size", "n_embed")
+        heads = _int(cfg, "num_attention_heads", "n_head")
+        if h % heads:
+            raise ModelConfigError(f"hidden_size {h} is not divisible by {heads} heads")
+        kv = heads
+        if mt == "falcon":
+            if cfg.get("new_decoder_architecture"):
+                kv = _int(cfg, "num_kv_heads", default=heads)
+            elif cfg.get("multi_query", True):
+                kv = 1
+        inter = fam.intermediate_size(dict(cfg), h)
+        if inter is None:
+            raise ModelConfigError(f"model config lacks {' / '.join(fam.intermediate_keys)}")
+        if mt == "opt":
+            bias = bool(cfg.get("enable_bias", True))
+            qkv_bias = o_bias = mlp_bias = bias
+            resid, attn, act = cfg.get("dropout", 0.1), cfg.get("attention_dropout", 0.0), "relu"
+            proj = _get(cfg, "word_embed_proj_dim")
+            lm_in = int(proj) if proj and proj != h else None
+        elif mt == "falcon":
+            qkv_bias = o_bias = mlp_bias = bool(cfg.get("bias", False))
+            resid, attn = cfg.get("hidden_dropout", 0.0), cfg.get("attention_dropout", 0.0)
+            act = "gelu"
+            lm_in = None
+        else:  # gpt_neox
+            qkv_bias = o_bias = bool(cfg.get("attention_bias", True))
+            mlp_bias = True
+            resid, attn = cfg.get("hidden_dropout", 0.0), cfg.get("attention_dropout", 0.0)
+            act = str(cfg.get("hidden_act", "gelu"))
+            lm_in = None
+        return cls(
+            family=fam.style,
+            model_type=mt,
+            vocab_size=_int(cfg, "vocab_size"),
+            hidden_size=h,
+            intermediate_size=_int({"i": inter}, "i"),
+            num_layers=_int(cfg, "num_hidden_layers", "n_layer"),
+            num_heads=heads,
+            num_kv_heads=kv,
+            head_dim=h // heads,
+            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", fam.tied_by_default)),
+            max_positions=_get(cfg, "max_position_embeddings"),
+            qkv_bias=qkv_bias,
+            o_bias=o_bias,
+            mlp_bias=mlp_bias,
+            activation=str(cfg.get("activation_function", act)),
+            attn_dropout=float(attn or 0.0),
+            resid_dropout=float(resid or 0.0),
+            lm_head_in=lm_in,
+            name=name,
+        )
+
     # -- parameters ------------------------------------------------------------------------
     def linears(self) -> list[Linear]:
-        """The linear layers of ONE decoder layer (names are LoRA target names)."""
-        h, i = self.hidden_size, self.intermediate_size
-        if self.family == "gpt2":
-            return [
-                Linear("c_attn", h, 3 * h, True),
-                Linear("c_proj", h, h, True),  # attention output
-                Linear("c_fc", h, i, True),
-                Linear("c_proj", i, h, True),  # MLP output (same module name)
-            ]
-        q, kv = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        return [
-            Linear("q_proj", h, q, self.qkv_bias),
-            Linear("k_proj", h, kv, self.qkv_bias),
-            Linear("v_proj", h, kv, self.qkv_bias),
-            Linear("o_proj", q, h, self.o_bias),
-            Linear("gate_proj", h, i, self.mlp_bias),
-            Linear("up_proj", h, i, self.mlp_bias),
-            Linear("down_proj", i, h, self.mlp_bias),
-        ]
+        """The linear layers of ONE decoder layer (names are LoRA target names), from the
+        family table."""
+        return layer_linears(
+            self.description,
+            hidden=self.hidden_size,
+            intermediate=self.intermediate_size,
+            num_heads=self.num_heads,
+            num_kv_heads=self.num_kv_heads,
+            head_dim=self.head_dim,
+            qkv_bias=self.qkv_bias,
+            o_bias=self.o_bias,
+            mlp_bias=self.mlp_bias,
+        )
+
+    @property
+    def default_targets(self) -> tuple[str, ...]:
+        """The family's default LoRA targets (the loader's, from the same table)."""
+        return self.description.default_targets
 
     def target_names(self) -> tuple[str, ...]:
         return tuple(dict.fromkeys(lin.name for lin in self.linears()))
 
     @property
     def embedding_params(self) -> int:
-        n = self.vocab_size * self.hidden_size
-        if self.family == "gpt2":
-            n += (self.max_positions or 1024) * self.hidden_size
+        n = self.vocab_size * self.lm_head_width
+        if self.description.learned_positions:
+            rows = (self.max_positions or 1024) + self.description.position_offset
+            n += rows * self.hidden_size
+        if self.lm_head_in:  # OPT's project_in / project_out
+            n += 2 * self.lm_head_in * self.hidden_size
         return n
 
     @property
+    def lm_head_width(self) -> int:
+        """The LM head's input width (= the token embedding width)."""
+        return self.lm_head_in or self.hidden_size
+
+    @property
     def lm_head_params(self) -> int:
-        return 0 if self.tie_word_embeddings else self.vocab_size * self.hidden_size
+        return 0 if self.tie_word_embeddings else self.vocab_size * self.lm_head_width
 
     @property
     def norm_params(self) -> int:
@@ -655,6 +713,7 @@ def _lora_intermediate(ctx: _Ctx, names: Iterable[str]) -> int:
 def _layer_saved(ctx: _Ctx, T: int) -> dict[str, int]:
     """Bytes per token that one decoder layer (whose input requires grad) saves for backward."""
     s, c = ctx.shape, ctx.c
+    fam = s.description
     h, i, nh = s.hidden_size, s.intermediate_size, s.num_heads
     q_w, kv_w = s.num_heads * s.head_dim, s.num_kv_heads * s.head_dim
     out: dict[str, int] = {}
@@ -665,19 +724,19 @@ def _layer_saved(ctx: _Ctx, T: int) -> dict[str, int]:
         if ctx.full_ft:
             norm += h * c  # normalized tensor for the norm weight's grad
         out["norms"] = 2 * norm
-        sh, cp = _input_saves(ctx, ("q_proj", "k_proj", "v_proj"), h)
+        sh, cp = _input_saves(ctx, fam.attn_in, h)
         out["qkv_input"] = sh + cp
         if s.qk_norm:
             out["qk_norm"] = (q_w + kv_w) * 4 + (nh + s.num_kv_heads) * 4
         if ctx.fused_attention:
             out["attention"] = (2 * q_w + 2 * kv_w) * c + nh * 4  # q k v out + logsumexp
-            sh, cp = _input_saves(ctx, ("o_proj",), q_w)
+            sh, cp = _input_saves(ctx, (fam.attn_out,), q_w)
             out["o_input"] = cp  # the shared input is SDPA's saved output
         elif ctx.math_attention:  # everything in fp32: q k v copies, softmax, dropout
             t2 = nh * T * 4 + (nh * T * 8 if s.attn_dropout > 0 else 0)
             out["attention_scores"] = t2
             out["attention"] = 3 * q_w * 4
-            sh, cp = _input_saves(ctx, ("o_proj",), q_w)
+            sh, cp = _input_saves(ctx, (fam.attn_out,), q_w)
             out["o_input"] = sh + cp
         else:
             t2 = nh * T * 4 + (nh * T * c if c != 4 else 0)  # fp32 softmax (+ cast copy)
@@ -685,27 +744,27 @@ def _layer_saved(ctx: _Ctx, T: int) -> dict[str, int]:
                 t2 += nh * T * (ctx.mask_b + c)
             out["attention_scores"] = t2
             out["attention"] = 3 * q_w * c  # q copy, repeated k and v copies
-            sh, cp = _input_saves(ctx, ("o_proj",), q_w)
+            sh, cp = _input_saves(ctx, (fam.attn_out,), q_w)
             out["o_input"] = sh + cp
-        sh, cp = _input_saves(ctx, ("gate_proj", "up_proj"), h)
+        sh, cp = _input_saves(ctx, fam.mlp_in, h)
         out["mlp_input"] = sh + cp
         act_saved = 1 if s.activation != "gelu_new" else 4
         out["mlp"] = (act_saved + 2) * i * c  # act input (+ internals), act output, up
-        sh, cp = _input_saves(ctx, ("down_proj",), i)
+        sh, cp = _input_saves(ctx, (fam.mlp_out,), i)
         out["down_input"] = sh + cp
     else:  # gpt2
         ln = h * c + 8  # LayerNorm: input + fp32 mean/rstd
         out["norms"] = 2 * ln
-        sh, cp = _input_saves(ctx, ("c_attn",), h)
+        sh, cp = _input_saves(ctx, fam.attn_in, h)
         out["qkv_input"] = sh + cp
         if ctx.fused_attention:
             out["attention"] = 4 * h * c + nh * 4
-            sh, cp = _input_saves(ctx, ("c_proj",), h)
+            sh, cp = _input_saves(ctx, (fam.attn_out,), h)
             out["o_input"] = cp
         elif ctx.math_attention:  # everything in fp32: q k v copies, softmax, dropout
             out["attention_scores"] = nh * T * 4 + (nh * T * 8 if s.attn_dropout > 0 else 0)
             out["attention"] = 3 * h * 4
-            sh, cp = _input_saves(ctx, ("c_proj",), h)
+            sh, cp = _input_saves(ctx, (fam.attn_out,), h)
             out["o_input"] = sh + cp
         else:
             t2 = nh * T * c  # GPT-2's eager softmax stays in the compute dtype
@@ -713,13 +772,13 @@ def _layer_saved(ctx: _Ctx, T: int) -> dict[str, int]:
                 t2 += nh * T * (ctx.mask_b + c)
             out["attention_scores"] = t2
             out["attention"] = 3 * h * c  # q, k, v contiguous copies
-            sh, cp = _input_saves(ctx, ("c_proj",), h)
+            sh, cp = _input_saves(ctx, (fam.attn_out,), h)
             out["o_input"] = sh + cp
-        sh, cp = _input_saves(ctx, ("c_fc",), h)
+        sh, cp = _input_saves(ctx, fam.mlp_in, h)
         out["mlp_input"] = sh + cp
         act_saved = 4 if s.activation == "gelu_new" else 1
         out["mlp"] = act_saved * i * c
-        sh, cp = _input_saves(ctx, ("c_proj",), i)
+        sh, cp = _input_saves(ctx, (fam.mlp_out,), i)
         out["down_input"] = sh + cp
         if s.resid_dropout > 0:
             out["dropout"] = 2 * h * ctx.mask_b
@@ -818,7 +877,7 @@ def plan(
         msg = (
             f"seq_len {w.seq_len} exceeds the model's max_position_embeddings {shape.max_positions}"
         )
-        if shape.family == "gpt2":
+        if shape.description.learned_positions:
             raise WorkloadError(msg)
         notes.append(msg)
 
@@ -850,7 +909,7 @@ def plan(
             )
         targets = frozenset(w.lora_targets)
     else:
-        targets = frozenset(DEFAULT_LORA_TARGETS.get(shape.model_type, valid))
+        targets = frozenset(shape.default_targets)
     lora_b = 4
     trainable: list[tuple[int, int]] = []
     if not full_ft and w.lora_rank:  # the adapter (also held for inference)
@@ -859,16 +918,16 @@ def plan(
             if x.name in targets:
                 trainable += [(r * x.in_features, lora_b), (x.out_features * r, lora_b)] * L
         if LM_HEAD in targets:  # once, hidden -> vocab (tied or not: the adapter is its own)
-            trainable += [(r * shape.hidden_size, lora_b), (shape.vocab_size * r, lora_b)]
+            trainable += [(r * shape.lm_head_width, lora_b), (shape.vocab_size * r, lora_b)]
     elif full_ft:
         trainable = [(x.numel, weight_dtype_b) for x in lin] * L
-        trainable += [(shape.vocab_size * shape.hidden_size, weight_dtype_b)]
+        trainable += [(shape.vocab_size * shape.lm_head_width, weight_dtype_b)]
         if shape.lm_head_params:
             trainable += [(shape.lm_head_params, weight_dtype_b)]
         rest = (
             shape.norm_params
             + shape.bias_params
-            + (shape.embedding_params - shape.vocab_size * shape.hidden_size)
+            + (shape.embedding_params - shape.vocab_size * shape.lm_head_width)
         )
         trainable += [(rest, weight_dtype_b)]
     trainable_b = sum(n * b for n, b in trainable)

@@ -50,8 +50,7 @@ from algorithms.core.errors import (
     QuantizationUnavailableError,
 )
 from algorithms.core.lora_state import signature_diff, state_signature
-from firmware_profiles import WorkloadError, targets_for_model_type
-from firmware_profiles.planner import DEFAULT_LORA_TARGETS as _PLANNER_TARGETS
+from firmware_profiles import FAMILIES, WorkloadError, targets_for_model_type
 
 __all__ = [
     "ADAPTER_CONFIG_NAME",
@@ -98,16 +97,14 @@ ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
 _PEFT_PREFIX = "base_model.model."
 _LORA_TAGS = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector")
 
-#: one table of LoRA targets for the planner and the loader: the planner's (stdlib-only
-#: firmware_profiles, which algorithms may import) plus architectures only the loader knows
+#: the default LoRA targets per architecture: the family table of ``firmware_profiles.families``,
+#: which the memory planner, the fit check and the ONNX export read too (one description, so
+#: the planned and the loaded adapter cannot differ)
 DEFAULT_LORA_TARGETS: dict[str, tuple[str, ...]] = {
-    **_PLANNER_TARGETS,
-    "opt": ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"),
-    "gpt_neox": ("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"),
-    "phi3": ("qkv_proj", "o_proj", "gate_up_proj", "down_proj"),
+    mt: fam.default_targets for mt, fam in FAMILIES.items()
 }
 # Architectures whose linear layers are transformers' Conv1D (weight stored as in x out).
-_FAN_IN_FAN_OUT = {"gpt2"}
+_FAN_IN_FAN_OUT = {mt for mt, fam in FAMILIES.items() if fam.conv1d}
 
 
 # --------------------------------------------------------------------------------------------

@@ -148,8 +148,14 @@ class _GatedLora(torch.nn.Module):
         if gate is None:
             raise RuntimeError("gated LoRA called without a gate; go through KVCausalLM")
         delta = torch.nn.functional.linear(torch.nn.functional.linear(x, self.lora_a), self.lora_b)
+        g = self.scaling * gate.to(delta.dtype)
+        if delta.dim() == 2:
+            # some architectures (OPT's MLP) flatten batch x seq into one dim: dim 0 is not
+            # the batch, so gate each batch row's block of tokens
+            rows = delta.reshape(g.shape[0], -1, delta.shape[-1]) * g.reshape(-1, 1, 1)
+            return self.base(x) + rows.reshape(delta.shape)
         shape = (-1,) + (1,) * (delta.dim() - 1)
-        return self.base(x) + delta * (self.scaling * gate.to(delta.dtype).reshape(shape))
+        return self.base(x) + delta * g.reshape(shape)
 
 
 def _weight_dtype(mod: torch.nn.Module) -> torch.dtype:
