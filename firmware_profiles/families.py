@@ -7,7 +7,7 @@ cannot disagree on what a LoRA adapter of a family is. Standard library only.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 __all__ = [
@@ -164,20 +164,12 @@ FAMILIES: dict[str, Family] = {
         position_offset=2,
         tied_by_default=True,
     ),
-    "falcon": Family(
-        model_type="falcon",
-        style="gpt2",
-        attn_in=("query_key_value",),
-        attn_out="dense",
-        mlp_in=("dense_h_to_4h",),
-        mlp_out="dense_4h_to_h",
-        gated=False,
-        default_targets=_NEOX_NAMES,
-        intermediate_keys=("ffn_hidden_size",),
-        intermediate_factor=4,
-        tied_by_default=True,
-    ),
 }
+# Falcon is laid out like GPT-NeoX (fused query_key_value, dense_h_to_4h / dense_4h_to_h); only
+# its FFN width field and its tied embeddings differ
+FAMILIES["falcon"] = replace(
+    FAMILIES["gpt_neox"], model_type="falcon", intermediate_keys=("ffn_hidden_size",),
+    intermediate_factor=4, tied_by_default=True)
 
 #: what an unknown model type with a llama-style config is treated as
 _FALLBACK = _llama_like("llama")

@@ -14,10 +14,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _env() -> dict[str, str]:
+def _profile(cwd: Path, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    """``cotune profile --device generic-cpu --model models/slm ...`` run from ``cwd``."""
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
-    return env
+    cmd = [sys.executable, "-m", "cotune", "profile", "--device", "generic-cpu", "--model", "models/slm", *args]
+    return subprocess.run(cmd, cwd=str(cwd), env=env, capture_output=True, text=True, timeout=timeout)
 
 
 def test_profile_train_with_relative_paths_from_another_cwd(tiny_llama_path, tmp_path):
@@ -27,35 +29,8 @@ def test_profile_train_with_relative_paths_from_another_cwd(tiny_llama_path, tmp
     (work / "data" / "texts.txt").write_text(
         "\n".join(f"sample number {i} of a tiny private corpus" for i in range(8)) + "\n"
     )
-    cmd = [
-        sys.executable,
-        "-m",
-        "cotune",
-        "profile",
-        "--device",
-        "generic-cpu",
-        "--threads",
-        "1",
-        "--model",
-        "models/slm",
-        "--data",
-        "data/texts.txt",
-        "--job",
-        "train",
-        "--steps",
-        "1",
-        "--batch",
-        "1",
-        "--seq",
-        "16",
-        "--quant",
-        "fp32",
-        "--out",
-        "prof",
-    ]
-    proc = subprocess.run(
-        cmd, cwd=str(work), env=_env(), capture_output=True, text=True, timeout=600
-    )
+    proc = _profile(work, "--threads", "1", "--data", "data/texts.txt", "--job", "train", "--steps", "1",
+                    "--batch", "1", "--seq", "16", "--quant", "fp32", "--out", "prof")
     assert proc.returncode == 0, proc.stderr[-3000:]
     rep = json.loads((work / "prof" / "profile.json").read_text())
     assert rep["status"] == "ok" and rep["measured"]["steps"] == 1
@@ -67,22 +42,6 @@ def test_profile_missing_relative_data_is_a_usage_error(tiny_llama_path, tmp_pat
     from edge_sdk.profiler import EXIT_USAGE
 
     shutil.copytree(tiny_llama_path, tmp_path / "models" / "slm")
-    cmd = [
-        sys.executable,
-        "-m",
-        "cotune",
-        "profile",
-        "--device",
-        "generic-cpu",
-        "--model",
-        "models/slm",
-        "--data",
-        "no/such/file.txt",
-        "--out",
-        "prof",
-    ]
-    proc = subprocess.run(
-        cmd, cwd=str(tmp_path), env=_env(), capture_output=True, text=True, timeout=300
-    )
+    proc = _profile(tmp_path, "--data", "no/such/file.txt", "--out", "prof", timeout=300)
     assert proc.returncode == EXIT_USAGE
     assert str(tmp_path / "no" / "such" / "file.txt") in proc.stderr
