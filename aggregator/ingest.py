@@ -190,8 +190,11 @@ class RoundIngest:
         return done
 
     def checkpoint_due(self) -> bool:
+        """K updates, T seconds, or every selected client answered (an ingest worker's
+        coordinator reads completion from the ledger: it must not wait for T)."""
         return bool(self._durable) and (
             len(self._durable) >= self.settings.checkpoint_every
+            or self.book.pending_count == 0
             or time.monotonic() - self._last_checkpoint >= self.settings.checkpoint_interval_s)
 
     def checkpoint(self) -> str | None:

@@ -210,8 +210,9 @@ def run_fleet(opts: FleetOptions, after: Callable[[RunContext], None] | None = N
         t0 = time.monotonic()
         port = free_port()
         pport = free_port() if opts.auth == "password" else None
+        workers = int((opts.aggregator_overrides or {}).get("ingest_workers", 0) or 0)
         paths = provision(work / "fed", "fleet", [*parties, *opts.extra_parties], port=port,
-                          password_port=pport, force=True)
+                          password_port=pport, force=True, aggregator_instances=workers)
         run.provision_s = round(time.monotonic() - t0, 2)
         _say(opts.progress, f"fleet: provisioned {n} devices in {run.provision_s:.1f}s")
         broker = MosquittoBroker(paths.mosquitto_conf).start()
