@@ -8,7 +8,8 @@ import struct
 import numpy as np
 import pytest
 import targets as T
-from hypothesis import HealthCheck, given, settings
+from fuzz_settings import FAST
+from hypothesis import given
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
@@ -16,18 +17,6 @@ from aggregator.errors import InvalidUpdate
 from aggregator.validation import validate_update
 from algorithms.base import AlgorithmError, pack_state, unpack_state
 from algorithms.fedmkt.payload import LogitsPayload, PayloadError
-
-FAST = settings(
-    max_examples=120,
-    deadline=None,
-    derandomize=True,
-    database=None,
-    suppress_health_check=[
-        HealthCheck.too_slow,
-        HealthCheck.data_too_large,
-        HealthCheck.filter_too_much,
-    ],
-)
 
 DTYPES = st.sampled_from(
     ["float32", "float16", "uint16", "float64", "int32", "int64", "bool", "uint8"]

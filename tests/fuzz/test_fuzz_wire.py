@@ -13,7 +13,8 @@ import time
 import numpy as np
 import pytest
 import targets as T
-from hypothesis import HealthCheck, assume, given, settings
+from fuzz_settings import FAST
+from hypothesis import assume, given
 from hypothesis import strategies as st
 
 from bridge.blobs import MAX_BLOB_BYTES, MAX_BLOB_CHUNKS, Assembly
@@ -22,18 +23,6 @@ from bridge.codec import decode, encode
 from bridge.envelope import _PREFIX, Header, ReplayGuard
 from bridge.errors import BlobIntegrityError, BridgeError, MalformedMessage, OversizedMessage
 from bridge.messages import BlobRef
-
-FAST = settings(
-    max_examples=120,
-    deadline=None,
-    derandomize=True,
-    database=None,
-    suppress_health_check=[
-        HealthCheck.too_slow,
-        HealthCheck.data_too_large,
-        HealthCheck.filter_too_much,
-    ],
-)
 
 #: JSON values an attacker can write, NaN, Infinity and integers past every range included
 json_values = st.recursive(
