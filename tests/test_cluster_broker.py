@@ -35,6 +35,7 @@ from bridge.endpoint import Endpoint, EndpointConfig, _presence, broker_config_f
 from bridge.messages import Note
 from bridge.provision import FederationPaths, load_party_config, provision
 from tests.rabbitmq import RabbitCluster, find_rabbitmq, free_ports
+from tests.test_fleet import _expected  # the hand-computed weighted mean of what devices sent
 
 pytestmark = pytest.mark.rabbitmq
 
@@ -236,23 +237,6 @@ def test_acl_and_shared_subscriptions(cluster, fed):
 
 
 # --------------------------------------------------------------------------- a federation round
-
-
-def _expected(rows: list[dict], spec: dict, round: int) -> dict[str, np.ndarray]:
-    """The num_examples-weighted mean (float64) of the updates the devices sent in ``round``."""
-    from cotune.fleet import fake_update, num_examples_for
-
-    total = {n: np.zeros(s, np.float64) for n, (s, _) in spec.items()}
-    weight = 0.0
-    for r in rows:
-        if r.get("final") or r["round"] != round:
-            continue
-        n = num_examples_for(r["party"], round)
-        assert n == r["num_examples"] > 0
-        for name, arr in fake_update(spec, r["party"], round).items():
-            total[name] += n * arr.astype(np.float64)
-        weight += n
-    return {name: t / weight for name, t in total.items()}
 
 
 @pytest.mark.slow  # about 45 s: the service, 2 ingest workers and a device process start
