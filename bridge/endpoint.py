@@ -412,9 +412,8 @@ class Endpoint:
                          topic, sender)
             return
         try:
-            if sender is not None:
-                self._precheck(sender, payload)
-            opened = self.sealer.open(payload)
+            parsed = self._precheck(sender, payload) if sender is not None else None
+            opened = self.sealer.open(payload, parsed)
             h = opened.header
             self.bytes_from[h.sender] += len(payload)
             if kind == "up" and h.sender != party:
@@ -509,24 +508,30 @@ class Endpoint:
         if a.complete:
             self._complete(inc)
 
-    def _precheck(self, sender: str, payload: bytes) -> None:
+    def _precheck(self, sender: str, payload: bytes) -> tuple:
         """Refusals the (not yet authenticated) header alone justifies, before any signature
         or decryption work, on the aggregator's up topics: a frame no honest client sends
         (content-key frames, a blob above the round's limit) costs a header parse, not a hash
-        of its whole body and a signature check."""
-        h = self.sealer.parse(payload)[0]
+        of its whole body and a signature check. Returns the parse, for ``Sealer.open``."""
+        parsed = self.sealer.parse(payload)
+        h = parsed[0]
         if h.kid is not None:
             raise MalformedMessage(f"{sender} sent a frame under a content key; clients never do")
         if h.type == CHUNK and h.blob and (sender, h.blob) not in self._incoming:
-            limit = self.blob_limit(sender) if callable(self.blob_limit) else self.config.max_blob_bytes
+            limit = self._blob_limit(sender)
             if limit is not None and h.bsize > limit:
                 raise ResourceLimit(f"blob {h.blob[:12]} from {sender} declares {h.bsize} bytes; "
                                     f"at most {limit} are expected")
+        return parsed
+
+    def _blob_limit(self, sender: str) -> int | None:
+        """The largest blob accepted from ``sender``: ``blob_limit`` when set, else the config's."""
+        return self.blob_limit(sender) if callable(self.blob_limit) else self.config.max_blob_bytes
 
     def _admit(self, h: Header, ref: BlobRef) -> None:
         """A new incoming transfer: its (authenticated) declared size and chunking must be
         plausible and within what this endpoint gives one sender."""
-        limit = self.blob_limit(h.sender) if callable(self.blob_limit) else self.config.max_blob_bytes
+        limit = self._blob_limit(h.sender)
         if limit is not None and ref.size > limit:
             raise ResourceLimit(f"blob {ref.sha256[:12]} from {h.sender} declares {ref.size} bytes; "
                                 f"at most {limit} are expected")

@@ -317,8 +317,10 @@ class Sealer:
         head = bytes(view[start:end])
         return Header.from_bytes(head), head, view[end:len(view) - SIG_LEN], bytes(view[len(view) - SIG_LEN:])
 
-    def open(self, frame: bytes | memoryview) -> Opened:
-        header, head, ct, sig = self.parse(frame)
+    def open(self, frame: bytes | memoryview, parsed: tuple | None = None) -> Opened:
+        """Verify, check for replay and decrypt. ``parsed``: this frame's :meth:`parse` result
+        when the caller already has it (a receiver that looked at the header first)."""
+        header, head, ct, sig = parsed if parsed is not None else self.parse(frame)
         if header.federation != self.directory.federation:
             raise UnknownSender(f"message for federation {header.federation!r}, this is {self.directory.federation!r}")
         me = self.identity.party_id
