@@ -213,11 +213,9 @@ class RoundIngest:
             self.store.accept_many(self.round, records, digest)
         else:
             self.store.accept_many(self.round, records, digest, worker=self.worker)
-        previous, self.partial_digest = self.partial_digest, digest
+        self.partial_digest = digest  # the ledger deleted the partial it replaces
         self.stats["logged_bytes"] = self.log.bytes_written
         self.log.drop_before(seq)
-        if previous and previous != digest:
-            self.store.checkpoints.delete(previous)
         self._durable = []
         self._last_checkpoint = time.monotonic()
         self.stats["checkpoints"] += 1

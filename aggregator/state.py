@@ -773,7 +773,13 @@ class StateStore:
                     )
                     if changed != len(rows):
                         raise _BatchRefused
+                old = head.partial_digest
                 if partial_digest is not None and worker is not None:
+                    row = db.execute(
+                        "SELECT digest FROM worker_partials WHERE round = ? AND worker = ?",
+                        (round, int(worker)),
+                    ).fetchone()
+                    old = row[0] if row else None
                     db.execute(_UPSERT_WORKER, (round, int(worker), partial_digest, 0, now))
                 elif partial_digest is not None:
                     db.execute(
@@ -783,8 +789,8 @@ class StateStore:
         except _BatchRefused:
             # rolled back; name the first offender as the ledger stands without the batch
             raise self._first_unacceptable(round, [r[5] for r in rows]) from None
-        if partial_digest is not None and worker is None:
-            self._discard_superseded(head.partial_digest, partial_digest)
+        if partial_digest is not None:
+            self._discard_superseded(old, partial_digest)
 
     # -- scale-out ingest: the ledger is the workers' control plane ------------------------
 
