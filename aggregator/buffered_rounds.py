@@ -164,7 +164,7 @@ class BufferedRounds:
             metrics = {"skipped": "no update before the deadline", "accepted": 0,
                        "seconds": round(time.time() - t0, 3)}
             store.close_round(r, state, metrics)
-        event("round_committed", round=r, **metrics)
+        event("round_committed", round=r, process_cpu_s=round(time.process_time(), 4), **metrics)
         _metrics.round_committed(metrics)
         for c in buffer.clients:
             self.inflight.pop(c, None)

@@ -151,7 +151,10 @@ class AggregatorService:
                     info = self.store.open_round(selected, deadline=time.time() + self.cfg.round_deadline_s)
                     if self.dp is not None:  # the round's sampling rate, for its release (after a restart too)
                         self.store.record_event("dp_planned", round=info.round, detail=json.dumps(self._dp_plan))
+                    # process_cpu_s (all threads, ns clock): load tests read a round's CPU from
+                    # the events, exact at the instant, instead of sampling /proc in 10 ms ticks
                     _event("round_opened", round=info.round, selected=len(info.selected),
+                           process_cpu_s=round(time.process_time(), 4),
                            first=list(info.selected[:20]))
                     _metrics.round_opened()
                 else:
@@ -259,7 +262,7 @@ class AggregatorService:
                 metrics["dp_epsilon"] = self._dp_spent_epsilon(r - 1)
             self.store.close_round(r, state, metrics)
             self.progress(f"round {r}: quorum not met ({len(accepted)}/{quorum}); global state unchanged")
-        _event("round_committed", round=r, **metrics)
+        _event("round_committed", round=r, process_cpu_s=round(time.process_time(), 4), **metrics)
         _metrics.round_committed(metrics)
         self._retire(r, agg, ingest)
 

@@ -7,7 +7,8 @@ Mosquitto with the generated mTLS + ACL config, connect N virtual devices (worke
 would from outside the service:
 
 - round seconds: ``round_opened`` -> ``round_committed`` in the service's ``events.jsonl``;
-- aggregator CPU seconds (utime + stime from ``/proc/<pid>/stat``, from one commit to the next)
+- aggregator CPU seconds from one commit to the next (the service's process CPU clock, which
+  its round events carry; ``/proc/<pid>/stat`` in 10 ms ticks for a service that does not)
   and CPU per accepted update; the broker's CPU beside it;
 - accepted / rejected updates (event log), aggregator RSS (VmRSS, VmHWM), disk used by the
   state directory after the commit.
@@ -380,7 +381,7 @@ def _monitor(run: FleetRun, opts: FleetOptions, agg, broker_pid: int | None, sta
             kind = rec.get("event")
             if kind == "round_opened":
                 if last_commit_cpu is None:  # startup (model load, presence) is not a round
-                    last_commit_cpu, last_commit_broker = cpu, bcpu
+                    last_commit_cpu, last_commit_broker = rec.get("process_cpu_s", cpu), bcpu
                     last_dev_cpu = sum(s.get("cpu_s", 0.0) for s in stats.values())
                 cur = {"round": rec["round"], "opened": at, "accepted": 0, "rejected": 0}
                 bar = _bar(opts.progress, n, f"round {rec['round']}", old=bar)
@@ -393,6 +394,8 @@ def _monitor(run: FleetRun, opts: FleetOptions, agg, broker_pid: int | None, sta
             elif kind == "round_committed" and cur is not None:
                 rss, hwm = proc_mem_mb(agg.pid)
                 dev_cpu = sum(s.get("cpu_s", 0.0) for s in stats.values())
+                # the service's own CPU clock at the commit (exact); /proc ticks when absent
+                cpu = rec.get("process_cpu_s", cpu)
                 agg_cpu = (cpu or 0.0) - (last_commit_cpu or 0.0)
                 row = RoundRow(
                     clients=n, round=cur["round"], seconds=round(at - cur["opened"], 3),
