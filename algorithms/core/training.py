@@ -76,9 +76,14 @@ class TrainConfig:
     proximal_mu: float = 0.0
     log_every: int = 10
     shuffle: bool = True
+    #: prompt/response pairs: "auto" formats them with the tokenizer's chat template when it has
+    #: one (loss on the assistant turn only), "never" concatenates (algorithms/core/textdata.py)
+    chat_template: str = "auto"
 
     def __post_init__(self) -> None:
         errs: list[str] = []
+        if self.chat_template not in ("auto", "never"):
+            errs.append(f"chat_template must be 'auto' or 'never', got {self.chat_template!r}")
         if not _is_num(self.lr) or self.lr <= 0:
             errs.append(f"lr must be a finite number > 0 (e.g. 2e-4), got {self.lr!r}")
         for name in ("epochs", "batch_size", "grad_accum", "log_every"):
@@ -248,7 +253,8 @@ def train_causal_lm(
             raise TrainingError(
                 "raw data needs tokenizer=... and cfg.block_size; or pass a TokenizedDataset"
             )
-        dataset = TokenizedDataset(tokenizer, dataset, cfg.block_size, seed=cfg.seed)
+        dataset = TokenizedDataset(tokenizer, dataset, cfg.block_size, seed=cfg.seed,
+                                   chat_template=cfg.chat_template)
     elif cfg.block_size is not None and cfg.block_size != dataset.block_size:
         raise TrainingError(
             f"cfg.block_size={cfg.block_size} but the dataset was built with "
