@@ -138,7 +138,7 @@ class BufferedRounds:
                 to_task = ingest.book.pending()  # resumed: every waiting participant gets the task again
             self._to_task = []
             if to_task:
-                svc._send_tasks(r, state, to_task)
+                svc.send_tasks(r, state, to_task)
             svc.intake.mode = self
             try:
                 svc.intake.collect(r, ingest, spec, time.time() + svc.cfg.round_deadline_s,

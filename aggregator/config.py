@@ -86,6 +86,9 @@ class AggregatorConfig:
     #: client-level differential privacy (aggregator/dp.py): {"mode": "central"|"local", "clip",
     #: "noise_multiplier" or "target_epsilon", "delta", "epsilon_budget", "expected_clients"}
     dp: dict = field(default_factory=dict)
+    #: secure aggregation (aggregator/secure_round.py): the service sees only the round's sum.
+    #: {"clip", "weight_cap", "threshold_fraction", "degree", "step_timeout_s"}
+    secure_aggregation: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.rounds < 1:
@@ -123,6 +126,15 @@ class AggregatorConfig:
                 ServerDP.build(self.dp, algorithm=self.algorithm, rule=self.aggregation, fraction=self.fraction,
                                rounds=self.rounds, mode=self.mode)
             except DPConfigError as exc:
+                raise ConfigError(str(exc)) from None
+        if self.secure_aggregation:
+            from .secure_round import SecureAggConfig, SecureAggConfigError
+
+            try:
+                SecureAggConfig.parse(self.secure_aggregation, algorithm=self.algorithm,
+                                      aggregation=self.aggregation, ingest_workers=self.ingest_workers,
+                                      mode=self.mode, dp=self.dp)
+            except SecureAggConfigError as exc:
                 raise ConfigError(str(exc)) from None
         if self.ingest_workers < 0:
             raise ConfigError("ingest_workers must be >= 0")

@@ -296,21 +296,26 @@ class ServerDP:
 
     # release
     def release(self, mean: Mapping[str, np.ndarray], count: int, spec: UpdateSpec, *, selected: int,
-                round: int, q: float, spent: list[tuple[float, float]]) -> tuple[dict, dict]:
-        """The round's aggregate and its metrics (``dp_epsilon``: the running total)."""
+                round: int, q: float, spent: list[tuple[float, float]],
+                noised_by_clients: bool = False) -> tuple[dict, dict]:
+        """The round's aggregate and its metrics (``dp_epsilon``: the running total).
+        ``noised_by_clients``: central mode under secure aggregation, where each client added its
+        share of the noise (aggregator/secure_round.py); only the fixed denominator applies here."""
         cfg = self.cfg
         z = float(cfg.noise_multiplier)
         if cfg.mode == "central":
             denominator = cfg.expected_clients or selected
             rng = noise_rng(cfg.seed, round)
-            agg = noisy_mean(mean, count, spec, clip=cfg.clip, z=z, denominator=denominator, rng=rng)
+            agg = noisy_mean(mean, count, spec, clip=cfg.clip, z=0.0 if noised_by_clients else z,
+                             denominator=denominator, rng=rng)
         else:
             denominator, agg = count, dict(mean)
         history = [*spent, (q, z)]
         eps = epsilon(history, cfg.delta, mode=cfg.mode, accountant=cfg.accountant)
         return agg, {"dp_epsilon": eps, "dp": {"mode": cfg.mode, "q": q, "noise_multiplier": z, "clip": cfg.clip,
                                                "delta": cfg.delta, "denominator": denominator,
-                                               "rounds_released": len(history)}}
+                                               "rounds_released": len(history),
+                                               **({"noise": "distributed"} if noised_by_clients else {})}}
 
     def check_budget(self, round: int, q: float, spent: list[tuple[float, float]]) -> float:
         """Epsilon after the next round; :class:`PrivacyBudgetExhausted` when over the budget."""

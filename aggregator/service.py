@@ -98,8 +98,15 @@ class AggregatorService:
             if self.workers is not None:
                 raise AggregatorError("buffered rounds run in the service itself; set ingest_workers to 0")
             self.buffered = BufferedRounds(self)
+        self.secure = None
+        if config.secure_aggregation:
+            from .secure_round import SecureAggConfig, SecureRound
+
+            self.secure = SecureRound(self, SecureAggConfig.parse(
+                config.secure_aggregation, algorithm=config.algorithm, aggregation=config.aggregation,
+                ingest_workers=config.ingest_workers, mode=config.mode, dp=config.dp))
         self.intake = UpdateIntake(self.endpoint, self.algorithm, self.rule, config, None, stop=self._stop,
-                                   progress=self.progress, on_other=self._on_other)
+                                   progress=self.progress, on_other=self.on_other)
         self.dp = self.intake.dp  # client-level DP (aggregator/dp.py), None when off
         self._pool_size = 0
         self.stopped_by = None  # a PrivacyBudgetExhausted that ended the federation early
@@ -149,6 +156,8 @@ class AggregatorService:
                     if self.dp is not None and not self._dp_may_open(nxt, len(selected)):
                         break
                     info = self.store.open_round(selected, deadline=time.time() + self.cfg.round_deadline_s)
+                    if self.secure is not None:
+                        self.secure.opened_here.add(info.round)
                     if self.dp is not None:  # the round's sampling rate, for its release (after a restart too)
                         self.store.record_event("dp_planned", round=info.round, detail=json.dumps(self._dp_plan))
                     # process_cpu_s (all threads, ns clock): load tests read a round's CPU from
@@ -217,6 +226,9 @@ class AggregatorService:
         limit = self.intake.blob_limit(spec)
         self.endpoint.blob_limit = lambda sender: limit
         bytes_at_start = dict(self.endpoint.bytes_from)
+        if self.secure is not None:
+            self.secure.run_round(r, info, state, spec, t0)
+            return
         ingest = None
         if info.status == "open" and self.workers is not None:
             agg = self._collect_from_workers(r, state, spec, info)
@@ -230,7 +242,7 @@ class AggregatorService:
                 self.progress(f"round {r}: {ingest.replayed} logged updates recovered from the ingest log")
             pending = ingest.book.pending()
             if pending:
-                self._send_tasks(r, state, pending)
+                self.send_tasks(r, state, pending)
             deadline = info.deadline or time.time() + self.cfg.round_deadline_s
             if deadline < time.time() + 1.0:  # resumed after an outage longer than the round: a fresh window
                 deadline = time.time() + self.cfg.round_deadline_s
@@ -242,29 +254,48 @@ class AggregatorService:
             self.store.seal_round(r, reason="deadline" if ingest.book.pending_count else "complete")
         accepted = list(agg.clients)
         quorum = self.cfg.quorum_count(len(info.selected))
+        aggregate, metrics = None, {"accepted": len(accepted), "quorum": quorum}
         if len(accepted) >= quorum and agg.count == len(accepted):
             aggregate = agg.result(cast=False)
-            dp_metrics = {}
-            if self.dp is not None:
-                aggregate, dp_metrics = self._dp_release(r, aggregate, agg.count, spec, len(info.selected))
-            outcome = self.algorithm.finish_round(r, state, aggregate)
-            metrics = {**outcome.metrics, **dp_metrics, "accepted": len(accepted), "quorum": quorum,
-                       "seconds": round(time.time() - t0, 3)}
             if ingest is not None:
                 metrics["ingest"] = dict(ingest.stats)
-            self.store.close_round(r, outcome.state, metrics)
-            self.progress(f"round {r}: {len(accepted)}/{len(info.selected)} updates aggregated "
-                          f"({self.rule}) in {time.time() - t0:.1f}s")
         else:
-            metrics = {"skipped": f"quorum not met: {len(accepted)} < {quorum}", "accepted": len(accepted),
-                       "quorum": quorum, "seconds": round(time.time() - t0, 3)}
+            metrics["skipped"] = f"quorum not met: {len(accepted)} < {quorum}"
+        self.commit_round(r, state, aggregate, metrics, t0, count=agg.count, spec=spec, selected=len(info.selected))
+        self._retire(r, agg, ingest)
+
+    def commit_round(self, r: int, state: State, aggregate: dict | None, metrics: dict, t0: float, *,
+                     count: int = 0, spec: UpdateSpec | None = None, selected: int = 0, secure: bool = False) -> None:
+        """Close round ``r``: with an ``aggregate``, release it (differential privacy unless the
+        caller did: ``secure``), run the algorithm's server step and commit its state; without,
+        keep the global state and record why (``metrics["skipped"]``)."""
+        if aggregate is not None:
+            dp_metrics = {}
+            if self.dp is not None and not secure:
+                aggregate, dp_metrics = self.dp_release(r, aggregate, count, spec, selected)
+            outcome = self.algorithm.finish_round(r, state, aggregate)
+            metrics = {**outcome.metrics, **dp_metrics, **metrics, "seconds": round(time.time() - t0, 3)}
+            self.store.close_round(r, outcome.state, metrics)
+            self.progress(f"round {r}: {metrics.get('accepted')}/{selected} updates aggregated "
+                          f"({'secure sum' if secure else self.rule}) in {time.time() - t0:.1f}s")
+        else:
+            metrics = {**metrics, "seconds": round(time.time() - t0, 3)}
             if self.dp is not None:  # nothing released, nothing spent: the running total carries over
                 metrics["dp_epsilon"] = self._dp_spent_epsilon(r - 1)
             self.store.close_round(r, state, metrics)
-            self.progress(f"round {r}: quorum not met ({len(accepted)}/{quorum}); global state unchanged")
+            self.progress(f"round {r}: {metrics['skipped']}; global state unchanged")
         _event("round_committed", round=r, process_cpu_s=round(time.process_time(), 4), **metrics)
         _metrics.round_committed(metrics)
-        self._retire(r, agg, ingest)
+        if secure:
+            IngestLog.discard_round(self.state_dir / "wal", r)
+            if self.cfg.keep_globals:
+                try:
+                    self.store.prune(self.cfg.keep_globals)
+                except StateError as exc:
+                    log.warning("retention: %s", exc)
+
+    def stopping(self) -> bool:
+        return self._stop.is_set()
 
     def _collect_from_workers(self, r: int, state: State, spec: UpdateSpec, info) -> Aggregator | None:
         """Worker mode: send the Tasks, watch the ledger's counts until everyone answered or the
@@ -274,7 +305,7 @@ class AggregatorService:
         statuses = self.store.participant_statuses(r)
         pending = [c for c, st in statuses.items() if st in ("selected", "rejected")]
         if pending:
-            self._send_tasks(r, state, pending)
+            self.send_tasks(r, state, pending)
         deadline = info.deadline or time.time() + self.cfg.round_deadline_s
         if deadline < time.time() + 1.0:
             deadline = time.time() + self.cfg.round_deadline_s
@@ -285,7 +316,7 @@ class AggregatorService:
                 break
             inbound = self.endpoint.recv(timeout=0.25)
             if inbound is not None:
-                self._on_other(inbound)
+                self.on_other(inbound)
         if self._stop.is_set():
             return None
         self.store.request_close(r)
@@ -354,11 +385,13 @@ class AggregatorService:
         self._dp_plan = {"q": q, "epsilon_after": nxt}
         return True
 
-    def _dp_release(self, r: int, mean: dict, count: int, spec: UpdateSpec, selected: int) -> tuple[dict, dict]:
+    def dp_release(self, r: int, mean: dict, count: int, spec: UpdateSpec, selected: int, *,
+                   noised_by_clients: bool = False) -> tuple[dict, dict]:
         q = 1.0  # conservative when the planned rate was not recorded
         for ev in self.store.events(round=r, kind="dp_planned")[-1:]:
             q = float(json.loads(ev.detail)["q"])
-        return self.dp.release(mean, count, spec, selected=selected, round=r, q=q, spent=self._dp_spent(r - 1))
+        return self.dp.release(mean, count, spec, selected=selected, round=r, q=q, spent=self._dp_spent(r - 1),
+                               noised_by_clients=noised_by_clients)
 
     def _retire(self, r: int, agg: Aggregator, ingest: RoundIngest | None) -> None:
         """After a commit: the round's log, partial checkpoint and spills go; global states
@@ -384,17 +417,20 @@ class AggregatorService:
         return open_aggregator(self.rule, spec, partial=partial, spill_dir=self.state_dir / "spill",
                                trim_fraction=self.cfg.trim_fraction)
 
-    def _send_tasks(self, r: int, state: State, clients: list[str]) -> None:
+    def send_tasks(self, r: int, state: State, clients: list[str], *, extra: dict | None = None) -> None:
         plan = self.algorithm.plan_round(r, state)
         refs = {}
         for name, blob in plan.blobs.items():
             refs[name] = self._distribute(clients, blob, name, r)
         info = self.store.current_round()
         deadline = info.deadline or time.time() + self.cfg.round_deadline_s
+        config = dict(plan.config)
+        if self.dp is not None:
+            config["dp"] = self.dp.cfg.task_config()
+        config.update(extra or {})
         for i, c in enumerate(clients):
             if i % 256 == 0 and self._stop.is_set():
                 return
-            config = plan.config if self.dp is None else {**plan.config, "dp": self.dp.cfg.task_config()}
             self.endpoint.send(c, Task(round=r, algorithm=self.cfg.algorithm, config=config, downloads=refs,
                                        deadline=deadline), round=r)
         _event("tasks_sent", round=r, clients=len(clients), blobs={k: v["size"] for k, v in refs.items()})
@@ -414,7 +450,7 @@ class AggregatorService:
             _event("blob_not_resent", round=r, blob=name, sha256=sha[:12], size=len(blob))
         return ref.to_json()
 
-    def _on_other(self, inbound: Inbound) -> None:
+    def on_other(self, inbound: Inbound) -> None:
         msg: Message = inbound.message
         if self.logits_server is not None and self.logits_server.handle(inbound):
             return

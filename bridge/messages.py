@@ -286,3 +286,149 @@ class LogitsResponse(Message):
 
 #: message types outside the round structure: the endpoint's stale-round floor skips them
 ROUNDLESS_TYPES = frozenset({LogitsRequest.TYPE, LogitsResponse.TYPE})
+
+
+# --------------------------------------------------------------------------------------------
+# secure aggregation (bridge/secagg.py): the four extra steps of a secure round. The masked
+# input itself travels as an ordinary Update (tensor or blob "masked", uint32).
+
+_B64_SIZES = {"c_pk": 32, "s_pk": 32, "sig": 64, "sign_pub": 32}
+#: a PEM certificate with the envelope-keys extension is about 800 bytes
+MAX_CERT_CHARS = 8192
+#: ciphertexts of two Shamir shares (x, 66-byte values) plus AEAD overhead: about 300 bytes
+MAX_SHARE_CHARS = 2048
+
+
+def _check_b64(name: str, value: object, size: int | None = None, max_chars: int | None = None) -> None:
+    if not isinstance(value, str) or (max_chars is not None and len(value) > max_chars):
+        raise ValueError(f"{name} must be a base64 string" + (f" of at most {max_chars} chars" if max_chars else ""))
+    try:
+        raw = base64.b64decode(value.encode("ascii"), validate=True)
+    except (UnicodeEncodeError, ValueError):
+        raise ValueError(f"{name} must be base64") from None
+    if size is not None and len(raw) != size:
+        raise ValueError(f"{name} must decode to {size} bytes, got {len(raw)}")
+
+
+def _check_party_map(name: str, value: object, limit: int = 4096) -> None:
+    if not isinstance(value, dict) or len(value) > limit:
+        raise ValueError(f"{name} must be a map of at most {limit} parties")
+    for k in value:
+        if not isinstance(k, str) or not k or len(k) > 128:
+            raise ValueError(f"{name} keys must be party ids")
+
+
+def _check_party_list(name: str, value: object, limit: int = 1 << 20) -> None:
+    if not isinstance(value, list) or len(value) > limit or any(not isinstance(p, str) or not p for p in value):
+        raise ValueError(f"{name} must be a list of party ids")
+
+
+@register
+@dataclass
+class SecAggKeys(Message):
+    """Client -> aggregator, step 1 of a secure round: two fresh X25519 public keys (``c_pk``
+    encrypts the Shamir shares, ``s_pk`` agrees the pairwise masks) signed with the client's
+    Ed25519 identity key, and the client's certificate (PEM), which the aggregator relays to its
+    neighbours so that they can check the signing key against the federation CA."""
+
+    TYPE = "secagg_keys"
+    VERSION = 1
+    round: int
+    c_pk: str
+    s_pk: str
+    sig: str
+    cert: str = ""
+
+    def __post_init__(self) -> None:
+        _nonneg("round", self.round)
+        for name in ("c_pk", "s_pk", "sig"):
+            _check_b64(name, getattr(self, name), _B64_SIZES[name])
+        if not isinstance(self.cert, str) or len(self.cert) > MAX_CERT_CHARS:
+            raise ValueError(f"cert must be a PEM string of at most {MAX_CERT_CHARS} chars")
+
+    def advertisement(self) -> dict:
+        return {"c_pk": self.c_pk, "s_pk": self.s_pk, "sig": self.sig}
+
+
+@register
+@dataclass
+class SecAggNeighbours(Message):
+    """Aggregator -> client, step 2: the signed keys of the client's neighbours in the round's
+    sparse graph, each ``{"c_pk", "s_pk", "sig", "sign_pub", "cert"}``."""
+
+    TYPE = "secagg_neighbours"
+    VERSION = 1
+    round: int
+    neighbours: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        _nonneg("round", self.round)
+        _check_party_map("neighbours", self.neighbours)
+        for who, ad in self.neighbours.items():
+            if not isinstance(ad, dict):
+                raise ValueError(f"neighbour {who!r} must be a map")
+            for name, size in _B64_SIZES.items():
+                _check_b64(f"{who}.{name}", ad.get(name), size)
+            cert = ad.get("cert", "")
+            if not isinstance(cert, str) or len(cert) > MAX_CERT_CHARS:
+                raise ValueError(f"{who}.cert must be a PEM string")
+
+
+@register
+@dataclass
+class SecAggShares(Message):
+    """Client -> aggregator, step 3: per neighbour, the encrypted Shamir shares of this
+    client's self-mask seed and mask key (only that neighbour can decrypt them). Aggregator ->
+    client (the relay): per neighbour, the shares that neighbour encrypted for this client."""
+
+    TYPE = "secagg_shares"
+    VERSION = 1
+    round: int
+    shares: dict = field(default_factory=dict)  # party -> base64 ciphertext
+
+    def __post_init__(self) -> None:
+        _nonneg("round", self.round)
+        _check_party_map("shares", self.shares)
+        for who, ct in self.shares.items():
+            _check_b64(f"shares[{who}]", ct, max_chars=MAX_SHARE_CHARS)
+
+
+@register
+@dataclass
+class SecAggUnmask(Message):
+    """Aggregator -> surviving client, step 5: which of its neighbours sent a masked input
+    (``survivors``: reveal their self-mask shares) and which did not (``dropped``: reveal their
+    mask-key shares). An honest client never reveals both for one neighbour."""
+
+    TYPE = "secagg_unmask"
+    VERSION = 1
+    round: int
+    survivors: list = field(default_factory=list)
+    dropped: list = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        _nonneg("round", self.round)
+        _check_party_list("survivors", self.survivors)
+        _check_party_list("dropped", self.dropped)
+
+
+@register
+@dataclass
+class SecAggReveal(Message):
+    """Client -> aggregator, step 6: the decrypted shares asked for, per neighbour
+    ``{"x": int, "b": base64}`` (survivor) or ``{"x": int, "s": base64}`` (dropped)."""
+
+    TYPE = "secagg_reveal"
+    VERSION = 1
+    round: int
+    shares: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        _nonneg("round", self.round)
+        _check_party_map("shares", self.shares)
+        for who, sh in self.shares.items():
+            if not isinstance(sh, dict) or set(sh) not in ({"x", "b"}, {"x", "s"}):
+                raise ValueError(f"share of {who!r} must be {{'x', 'b'}} or {{'x', 's'}}")
+            if isinstance(sh["x"], bool) or not isinstance(sh["x"], int) or not 0 < sh["x"] < 1 << 16:
+                raise ValueError(f"share of {who!r}: x must be a small positive int")
+            _check_b64(f"share of {who!r}", sh.get("b", sh.get("s")), max_chars=256)

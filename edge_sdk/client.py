@@ -21,14 +21,23 @@ from pathlib import Path
 from typing import Any
 
 from algorithms import registry
-from algorithms.base import pack_state
+from algorithms.base import pack_state, unpack_state
 from algorithms.core.memory import PeakMemory
 from algorithms.core.modeling import adapter_state, save_peft_adapter
 from bridge.codec import decode, encode
 from bridge.endpoint import Endpoint, EndpointConfig, broker_config_for
 from bridge.envelope import ENVELOPE_OVERHEAD
 from bridge.errors import BridgeError
-from bridge.messages import BlobRef, ErrorReport, Note, Task, Update
+from bridge.messages import (
+    BlobRef,
+    ErrorReport,
+    Note,
+    SecAggNeighbours,
+    SecAggShares,
+    SecAggUnmask,
+    Task,
+    Update,
+)
 from bridge.provision import load_party_config
 
 from .blob_cache import DEFAULT_MAX_BYTES, BlobCache
@@ -74,6 +83,9 @@ class EdgeClient:
         self._wire_mark = (0, 0)  # transport (bytes_in, bytes_out) when the previous round ended
         self.final: dict = {}
         self._algorithm = None
+        #: the open secure round: (session, Update without tensors); rounds ever run securely
+        self._secure = None
+        self._secure_rounds: set[int] = set()
 
     # -- main loop --------------------------------------------------------------------------
     def run(self, *, max_idle_s: float | None = None, stop_when_done: bool = True) -> list[dict]:
@@ -97,6 +109,13 @@ class EdgeClient:
                     self._apply_final(msg, inbound.sender)
                     if stop_when_done and msg.data.get("stop", True):
                         break
+                elif isinstance(msg, (SecAggNeighbours, SecAggShares, SecAggUnmask)):
+                    self._on_secagg(msg, inbound.sender)
+                elif isinstance(msg, Note) and msg.kind == "secagg_abort":
+                    log.warning("%s: secure round %d abandoned by the aggregator: %s", self.party_id, msg.round,
+                                msg.data.get("reason"))
+                    self.history.append({"round": msg.round, "error": "secagg_abort", "detail": msg.data.get("reason")})
+                    self._secure = None
                 elif isinstance(msg, ErrorReport):
                     log.warning("%s: aggregator reported %s: %s", self.party_id, msg.code, msg.detail)
                     self.history.append({"round": msg.round, "error": msg.code, "detail": msg.detail})
@@ -109,6 +128,12 @@ class EdgeClient:
         return self.work_dir / "updates" / f"round-{round:05d}.msg"
 
     def handle_task(self, task: Task, sender: str) -> None:
+        if "secure_aggregation" in task.config and task.round in self._secure_rounds:
+            # a secure round is never answered twice: fresh masks over the same input would let an
+            # aggregator that restarts a round collect both kinds of shares for one client
+            log.warning("%s: secure round %d already answered; not repeated", self.party_id, task.round)
+            self._tell(sender, ErrorReport("secagg", "secure rounds are not repeated", round=task.round))
+            return
         cached = self._cache_path(task.round)
         if cached.exists():
             log.info("%s: task for round %d already answered; re-sending the cached update", self.party_id, task.round)
@@ -141,7 +166,6 @@ class EdgeClient:
         # no-op elsewhere. The aggregator keeps them per round and device (status page, CSV)
         with TegraSampler(interval_ms=500) as tegra, PeakMemory() as peak:
             report = algo.run(task, downloads, self.ctx)
-        payload = pack_state(report.tensors)
         metrics = {**report.metrics, "seconds": round(time.time() - t0, 3), "peak_memory_bytes": peak.peak_bytes,
                    "peak_memory_kind": peak.kind, # since the previous round ended: the broadcast blobs and key grant precede the Task
                    "bytes_down": self.endpoint.transport.stats.bytes_in - self._wire_mark[0],
@@ -149,6 +173,10 @@ class EdgeClient:
         power = tegra.summary()
         if power is not None:
             metrics["power"] = power.to_dict()
+        if "secure_aggregation" in task.config:
+            self._start_secure(task, sender, downloads, report, metrics)
+            return
+        payload = pack_state(report.tensors)
         inline = len(payload) + 2 * ENVELOPE_OVERHEAD + 4096 < self.endpoint.config.max_message_bytes
         update = Update(round=task.round, algorithm=task.algorithm, num_examples=report.num_examples,
                         metrics=metrics, tensors=report.tensors if inline else {})
@@ -167,6 +195,75 @@ class EdgeClient:
         self.history.append({"round": task.round, **metrics, **wire, "num_examples": report.num_examples})
         log.info("%s: round %d update sent (%d examples, %.1fs)", self.party_id, task.round, report.num_examples,
                  time.time() - t0)
+
+    # -- secure aggregation (aggregator/secure_round.py) ------------------------------------------
+    def _start_secure(self, task: Task, sender: str, downloads: dict, report, metrics: dict) -> None:
+        """Clip, noise and weight the delta to the received global, then advertise this round's
+        keys; the rest of the round follows the aggregator's messages (:meth:`_on_secagg`)."""
+        from bridge.secagg import SecAggAbort
+        from bridge.secagg_session import secure_params, session_for
+
+        from .secure_upload import secure_input
+
+        self._secure_rounds.add(task.round)
+        try:
+            params, clip, cap, noise = secure_params(task.config)
+            dp = task.config.get("dp") or {}
+            values, weight, info = secure_input(
+                report.tensors, unpack_state(downloads["global"]), clip=clip, value_range=params.clip,
+                num_examples=report.num_examples, weight_cap=cap,
+                noise_std=noise if dp.get("mode") == "central" else 0.0, unweighted=bool(dp))
+            session = session_for(self.party, task.round, params, values, weight)
+            keys = session.start()
+        except (SecAggAbort, KeyError) as exc:
+            log.warning("%s: cannot take part in secure round %d: %s", self.party_id, task.round, exc)
+            self._tell(sender, ErrorReport("secagg", str(exc)[:300], round=task.round))
+            return
+        update = Update(round=task.round, algorithm=task.algorithm, num_examples=report.num_examples,
+                        metrics={**metrics, **info})
+        self._secure = (session, update)
+        self._tell(sender, keys, round=task.round)
+        self.history.append({"round": task.round, **metrics, **info, "num_examples": report.num_examples,
+                             "secure": True})
+
+    def _on_secagg(self, msg, sender: str) -> None:
+        from bridge.secagg import SecAggAbort
+
+        if self._secure is None or self._secure[0].round != msg.round:
+            log.info("%s: %s for round %d outside a secure round; ignored", self.party_id, msg.TYPE, msg.round)
+            return
+        session, update = self._secure
+        try:
+            if isinstance(msg, SecAggNeighbours):
+                self._tell(sender, session.on_neighbours(msg), round=msg.round)
+            elif isinstance(msg, SecAggShares):
+                masked = session.on_shares(msg)
+                self._send_masked(update, masked)
+            else:
+                self._tell(sender, session.on_unmask(msg), round=msg.round)
+                self._secure = None
+                log.info("%s: secure round %d: shares revealed", self.party_id, msg.round)
+        except SecAggAbort as exc:
+            log.warning("%s: secure round %d: %s", self.party_id, msg.round, exc)
+            self.history.append({"round": msg.round, "error": "secagg", "detail": str(exc)})
+            self._tell(sender, ErrorReport("secagg", str(exc)[:300], round=msg.round))
+            self._secure = None
+
+    def _send_masked(self, update: Update, masked) -> None:
+        tensors = {"masked": masked}
+        if masked.nbytes + 2 * ENVELOPE_OVERHEAD + 4096 < self.endpoint.config.max_message_bytes:
+            self.endpoint.send(self.aggregator_id, Update(update.round, update.algorithm, update.num_examples,
+                                                          update.metrics, tensors=tensors), round=update.round)
+            return
+        blob = self.work_dir / "updates" / f"round-{update.round:05d}.masked"
+        blob.write_bytes(pack_state(tensors))
+        self._send_update(update, blob)
+
+    def _tell(self, recipient: str, message, *, round: int | None = None) -> None:
+        try:
+            self.endpoint.send(recipient, message, round=message.round if round is None else round)
+        except BridgeError as exc:
+            log.warning("%s: could not send %s: %s", self.party_id, message.TYPE, exc)
 
     def _download(self, ref: BlobRef, sender: str, round: int, timeout: float = 600) -> tuple[bytes, bool]:
         """A blob's bytes and whether they came from the cache; fetched blobs are cached."""

@@ -25,11 +25,44 @@ def _same_update(a: Update, b: Update) -> None:
         np.testing.assert_array_equal(a.tensors[k], b.tensors[k])
 
 
+def _secagg_samples() -> dict:
+    import base64
+
+    from bridge.messages import SecAggKeys, SecAggNeighbours, SecAggReveal, SecAggShares, SecAggUnmask
+
+    def b(n: int, c: bytes = b"k") -> str:
+        return base64.b64encode(c * n).decode()
+
+    ad = {"c_pk": b(32), "s_pk": b(32, b"s"), "sig": b(64), "sign_pub": b(32, b"p"), "cert": ""}
+    return {"secagg_keys": SecAggKeys(3, b(32), b(32, b"s"), b(64), cert="-----BEGIN CERTIFICATE-----"),
+            "secagg_neighbours": SecAggNeighbours(3, {"bob": ad}),
+            "secagg_shares": SecAggShares(3, {"bob": b(300)}),
+            "secagg_unmask": SecAggUnmask(3, ["bob"], ["carol"]),
+            "secagg_reveal": SecAggReveal(3, {"bob": {"x": 2, "b": b(66)}, "carol": {"x": 1, "s": b(66)}})}
+
+
+def test_secagg_messages_refuse_malformed_fields():
+    import base64
+
+    from bridge.messages import SecAggKeys, SecAggReveal, SecAggShares
+
+    good = base64.b64encode(b"k" * 32).decode()
+    with pytest.raises(ValueError, match="32 bytes"):
+        SecAggKeys(1, base64.b64encode(b"k" * 31).decode(), good, base64.b64encode(b"s" * 64).decode())
+    with pytest.raises(ValueError, match="base64"):
+        SecAggShares(1, {"bob": "not base64!"})
+    with pytest.raises(ValueError, match="at most"):
+        SecAggShares(1, {"bob": "A" * 4096})
+    with pytest.raises(ValueError, match="'x', 'b'"):  # both kinds of share for one client
+        SecAggReveal(1, {"bob": {"x": 1, "b": good, "s": good}})
+
+
 def test_round_trip_every_registered_type():
     samples = {
         "task": sample_task(), "update": sample_update(), "key_grant": KeyGrant("k" * 32, "QUJD", 2),
         "chunk_request": ChunkRequest("ab" * 32, [[0, 3], [7, 8]]), "blob_ack": None,
         "error": ErrorReport("stale_round", "late", "mid1", 4), "note": Note("join", {"a": [1, 2]}, 1),
+        **_secagg_samples(),
     }
     for mtype, cls in message_types().items():
         msg = samples.get(mtype) or cls("ab" * 32)

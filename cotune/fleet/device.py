@@ -56,11 +56,16 @@ from bridge.messages import (
     ErrorReport,
     KeyGrant,
     Note,
+    SecAggNeighbours,
+    SecAggShares,
+    SecAggUnmask,
     Task,
     Update,
 )
 from bridge.provision import load_party_config
+from bridge.secagg_session import secure_params, session_for
 from bridge.topics import Topics
+from edge_sdk.secure_upload import secure_input
 
 #: numeric libraries: one thread per process (set before numpy/torch start their pools)
 THREAD_ENV = {k: "1" for k in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS",
@@ -145,6 +150,10 @@ class WorkerConfig:
     index: int = 0
     answer_delay_s: float = 0.0  # answer a Task this long after it could be answered
     final_delay_s: float = 0.0  # report on the final model this long after it could
+    #: secure rounds: party -> the step at which it falls silent ("keys": trains but never
+    #: advertises; "shares": advertises only; "masked": shares its keys but uploads nothing;
+    #: "reveal": uploads its masked input, then never reveals), to measure dropout recovery
+    secagg_drop: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -169,6 +178,9 @@ class WorkerStats:
     max_rss_mb: float = 0.0
     cpu_s: float = 0.0
     sent_by_round: dict = field(default_factory=dict)
+    #: MQTT payload bytes published / received by the devices (envelopes included)
+    bytes_out: int = 0
+    bytes_in: int = 0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -253,11 +265,13 @@ def _presence(state: str) -> bytes:
 class VirtualDevice:
     __slots__ = ("worker", "party", "sealer", "client", "aggregator", "down", "up", "status",
                  "connected", "next_retry", "backoff", "parked", "have", "progress", "requests",
-                 "jobs", "uploads", "sock", "started")
+                 "jobs", "uploads", "sock", "started", "pc", "secure")
 
     def __init__(self, worker: Worker, party: str, identity: Identity, directory: Directory,
-                 client: mqtt.Client):
+                 client: mqtt.Client, pc=None):
         self.worker, self.party, self.client = worker, party, client
+        self.pc = pc  # the provisioned party config (certificate and CA for secure rounds)
+        self.secure = None  # (session, Update without tensors) of the open secure round
         self.sealer = Sealer(identity, directory, max_message_bytes=worker.cfg.max_message_bytes,
                              replay=ReplayGuard())
         t = worker.topics
@@ -281,6 +295,7 @@ class VirtualDevice:
         self.publish(frame)
 
     def publish(self, frame: bytes) -> None:
+        self.worker.stats.bytes_out += len(frame)
         info = self.client.publish(self.up, frame, qos=1)
         if info.rc not in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN):
             self.worker.count_reject(f"publish_{info.rc}")
@@ -353,6 +368,11 @@ class VirtualDevice:
                 w.upload_done(self, msg.sha256)
         elif isinstance(msg, ErrorReport):
             w.stats.errors[msg.code] = w.stats.errors.get(msg.code, 0) + 1
+        elif isinstance(msg, (SecAggNeighbours, SecAggShares, SecAggUnmask)):
+            self.on_secagg(msg)
+        elif isinstance(msg, Note) and msg.kind == "secagg_abort":
+            w.stats.errors["secagg_abort"] = w.stats.errors.get("secagg_abort", 0) + 1
+            self.secure = None
         elif isinstance(msg, Note) and msg.kind == "done":
             refs = {n: BlobRef.from_json(r) for n, r in (msg.data.get("downloads") or {}).items()}
             self.jobs.append(_Job("final", msg.round, refs, msg, time.monotonic()))
@@ -424,35 +444,94 @@ class VirtualDevice:
                                   round=task.round), round=task.round)
             return
         spec = w.spec_for(ref.sha256)
-        inline = w.payload_size(ref.sha256) + 2 * ENVELOPE_OVERHEAD + 4096 < w.cfg.max_message_bytes
-        if not inline and w.uploads_in_flight >= w.cfg.max_uploads:
+        secure = "secure_aggregation" in task.config
+        size = w.payload_size(ref.sha256) * (2 if secure else 1)  # masked: 4 bytes a value
+        inline = size + 2 * ENVELOPE_OVERHEAD + 4096 < w.cfg.max_message_bytes
+        if not inline and not secure and w.uploads_in_flight >= w.cfg.max_uploads:
             w.deferred.append((self, job))  # sent when an upload slot frees
             return
         tensors = fake_update(spec, self.party, task.round, w.cfg.seed, w.cfg.scale)
         n = num_examples_for(self.party, task.round, w.cfg.seed)
+        metrics = {"simulated": True, "seconds": round(time.monotonic() - job.t0, 4)}
+        if secure:
+            self.start_secure(task, ref, tensors, n, metrics)
+            return
+        self.upload(Update(round=task.round, algorithm=task.algorithm, num_examples=n, metrics=metrics), tensors,
+                    ref.sha256)
+
+    def upload(self, update: Update, tensors: dict[str, np.ndarray], global_sha: str) -> None:
+        """Send ``update`` with ``tensors``: inline when it fits one message, else as a blob."""
+        w = self.worker
         payload = pack(tensors)
         digest = hashlib.sha256(payload).hexdigest()
-        metrics = {"simulated": True, "seconds": round(time.monotonic() - job.t0, 4)}
+        inline = len(payload) + 2 * ENVELOPE_OVERHEAD + 4096 < w.cfg.max_message_bytes
         t_send = time.time()
         if inline:
-            update = Update(round=task.round, algorithm=task.algorithm, num_examples=n, metrics=metrics,
-                            tensors=tensors)
+            update = Update(round=update.round, algorithm=update.algorithm, num_examples=update.num_examples,
+                            metrics=update.metrics, tensors=tensors)
             w.stats.inline += 1
         else:
-            up = _Upload(payload, BlobRef(digest, len(payload), w.cfg.chunk_size, "update"), task.round)
+            up = _Upload(payload, BlobRef(digest, len(payload), w.cfg.chunk_size, "update"), update.round)
             self.uploads[digest] = up
             self.publish_chunks(up, range(up.ref.total_chunks))
-            update = Update(round=task.round, algorithm=task.algorithm, num_examples=n, metrics=metrics,
-                            blobs={"update": up.ref.to_json()})
+            update = Update(round=update.round, algorithm=update.algorithm, num_examples=update.num_examples,
+                            metrics=update.metrics, blobs={"update": up.ref.to_json()})
             w.stats.blobs += 1
             w.upload_started(self, digest)
-        self.send(update, round=task.round)
+        self.send(update, round=update.round)
         w.stats.updates_sent += 1
         w.stats.update_bytes += len(payload)
-        w.stats.sent_by_round[task.round] = w.stats.sent_by_round.get(task.round, 0) + 1
-        w.record({"party": self.party, "round": task.round, "num_examples": n, "sha256": digest,
-                  "global_sha": ref.sha256,
-                  "bytes": len(payload), "inline": inline, "t_send": t_send, "t_done": time.time()})
+        w.stats.sent_by_round[update.round] = w.stats.sent_by_round.get(update.round, 0) + 1
+        w.record({"party": self.party, "round": update.round, "num_examples": update.num_examples,
+                  "sha256": digest, "global_sha": global_sha, "bytes": len(payload), "inline": inline,
+                  "t_send": t_send, "t_done": time.time()})
+
+    # -- secure rounds (aggregator/secure_round.py) ----------------------------------------------
+    def start_secure(self, task: Task, ref: BlobRef, tensors: dict, n: int, metrics: dict) -> None:
+        w = self.worker
+        if w.cfg.secagg_drop.get(self.party) == "keys":
+            return
+        try:
+            params, clip, cap, noise = secure_params(task.config)
+            dp = task.config.get("dp") or {}
+            values, weight, info = secure_input(
+                tensors, w.reference_for(ref.sha256), clip=clip, value_range=params.clip, num_examples=n,
+                weight_cap=cap, noise_std=noise if dp.get("mode") == "central" else 0.0, unweighted=bool(dp))
+            session = session_for(self.pc, task.round, params, values, weight)
+            keys = session.start()
+        except BridgeError as exc:
+            w.stats.errors[exc.code] = w.stats.errors.get(exc.code, 0) + 1
+            self.send(ErrorReport("secagg", str(exc)[:300], round=task.round), round=task.round)
+            return
+        self.secure = (session, Update(round=task.round, algorithm=task.algorithm, num_examples=n,
+                                       metrics={**metrics, **info}), ref.sha256)
+        self.send(keys, round=task.round)
+
+    def on_secagg(self, msg) -> None:
+        w = self.worker
+        if self.secure is None or self.secure[0].round != msg.round:
+            w.count_reject("secagg_out_of_round")
+            return
+        session, update, global_sha = self.secure
+        drop = w.cfg.secagg_drop.get(self.party)
+        try:
+            if isinstance(msg, SecAggNeighbours):
+                if drop == "shares":
+                    return
+                self.send(session.on_neighbours(msg), round=msg.round)
+            elif isinstance(msg, SecAggShares):
+                if drop == "masked":
+                    return
+                self.upload(update, {"masked": session.on_shares(msg)}, global_sha)
+            else:
+                self.secure = None
+                if drop == "reveal":
+                    return
+                self.send(session.on_unmask(msg), round=msg.round)
+        except BridgeError as exc:
+            w.stats.errors[exc.code] = w.stats.errors.get(exc.code, 0) + 1
+            self.secure = None
+            self.send(ErrorReport("secagg", str(exc)[:300], round=msg.round), round=msg.round)
 
     def check_stalls(self, now: float) -> None:
         """Ask the aggregator for the chunks of a wanted blob that stopped arriving."""
@@ -504,6 +583,7 @@ def _on_disconnect(client, dev: VirtualDevice, flags, reason_code, properties) -
 
 
 def _on_message(client, dev: VirtualDevice, msg) -> None:
+    dev.worker.stats.bytes_in += len(msg.payload)
     dev.on_frame(msg.topic, msg.payload)
 
 
@@ -616,6 +696,10 @@ class Worker:
             size = self._sizes[sha] = len(pack({n: np.zeros(s, d) for n, (s, d) in spec.items()}))
         return size
 
+    def reference_for(self, sha: str) -> dict[str, np.ndarray]:
+        """The tensors of the global blob ``sha`` (what a secure update is a delta to)."""
+        return st_load(self.blobs.complete(sha).data)
+
     def spec_for(self, sha: str) -> dict:
         spec = self._specs.get(sha)
         if spec is None:
@@ -653,7 +737,7 @@ class Worker:
                              client_id=f"{pc.federation}-{party}",
                              protocol=mqtt.MQTTv5 if v5 else mqtt.MQTTv311,
                              clean_session=None if v5 else False)
-        dev = VirtualDevice(self, party, pc.identity, pc.directory, client)
+        dev = VirtualDevice(self, party, pc.identity, pc.directory, client, pc)
         client.user_data_set(dev)
         client.max_inflight_messages_set(64)
         if pc.tls and self.cfg.tls is not False:

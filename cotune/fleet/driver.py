@@ -113,6 +113,8 @@ class FleetOptions:
     aggregator_overrides: dict | None = None
     answer_delay_s: float = 0.0  # devices answer a Task this long after they can
     final_delay_s: float = 0.0  # ... and report on the final model this long after they can
+    #: secure rounds: party -> the step at which that device falls silent (see WorkerConfig)
+    secagg_drop: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -233,7 +235,8 @@ def run_fleet(opts: FleetOptions, after: Callable[[RunContext], None] | None = N
                               protocol=opts.protocol, seed=opts.seed, max_uploads=opts.max_uploads,
                               record_path=str(rec), index=i,
                               blobs_dir=str(work / "blobs") if opts.keep_blobs else None,
-                              answer_delay_s=opts.answer_delay_s, final_delay_s=opts.final_delay_s)
+                              answer_delay_s=opts.answer_delay_s, final_delay_s=opts.final_delay_s,
+                              secagg_drop={p: s for p, s in opts.secagg_drop.items() if p in parties[i::workers]})
             wc_path = work / f"worker-{i}.json"
             wc_path.write_text(json.dumps(asdict(wc)))
             p = subprocess.Popen([sys.executable, "-m", "cotune.fleet.device", str(wc_path)],

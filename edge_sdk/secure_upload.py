@@ -1,0 +1,61 @@
+"""What a device feeds into secure aggregation (aggregator/secure_round.py): its update as a delta
+to the global it received, clipped, noised (distributed DP) and weighted, flattened in the order
+the aggregator unflattens it (tensor names sorted).
+
+The checks the aggregator can no longer make on a masked update happen here: the delta's L2
+norm is clipped to ``clip`` and non-finite values are refused before anything is masked.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+
+import numpy as np
+
+from bridge.secagg import SecAggAbort
+
+
+def to_float64(arr: np.ndarray) -> np.ndarray:
+    """A wire tensor's values (bfloat16 travels as uint16 bits)."""
+    if arr.dtype == np.uint16:
+        return (arr.astype(np.uint32) << 16).view(np.float32).astype(np.float64)
+    return np.asarray(arr, dtype=np.float64)
+
+
+def flat_delta(update: Mapping[str, np.ndarray], reference: Mapping[str, np.ndarray]) -> np.ndarray:
+    """The update's delta to ``reference`` as one float64 vector (names sorted)."""
+    if set(update) != set(reference):
+        raise SecAggAbort("bad_input", f"update tensors {sorted(set(update) ^ set(reference))[:5]} differ from "
+                                       "the global's")
+    parts = []
+    for name in sorted(reference):
+        u, ref = update[name], reference[name]
+        if u.shape != ref.shape:
+            raise SecAggAbort("bad_input", f"{name}: shape {u.shape} differs from the global's {ref.shape}")
+        parts.append((to_float64(u) - to_float64(ref)).ravel())
+    return np.concatenate(parts) if parts else np.zeros(0)
+
+
+def secure_input(update: Mapping[str, np.ndarray], reference: Mapping[str, np.ndarray], *, clip: float,
+                 value_range: float, num_examples: int, weight_cap: int, noise_std: float = 0.0,
+                 unweighted: bool = False, rng: np.random.Generator | None = None) -> tuple[np.ndarray, float, dict]:
+    """(pre-weighted values in [-value_range, value_range], weight in (0, 1], metrics).
+
+    The delta is clipped to L2 norm ``clip``; ``noise_std`` > 0 adds this client's share of
+    the Gaussian noise (distributed DP); the result is multiplied by the weight
+    min(num_examples, weight_cap) / weight_cap (1 when ``unweighted``). Values beyond
+    ``value_range`` (clip plus eight noise deviations, so practically never) are clamped."""
+    delta = flat_delta(update, reference)
+    if not np.all(np.isfinite(delta)):
+        raise SecAggAbort("bad_input", "the update has non-finite values")
+    norm = float(np.linalg.norm(delta))
+    clipped = norm > clip
+    if clipped:
+        delta *= clip / norm * (1 - 1e-9)
+    if noise_std > 0:
+        rng = rng or np.random.default_rng(int.from_bytes(os.urandom(16), "little"))
+        delta += rng.normal(0.0, noise_std, size=delta.shape)
+    weight = 1.0 if unweighted else min(max(1, int(num_examples)), weight_cap) / weight_cap
+    values = np.clip(delta * weight, -value_range, value_range)
+    return values, weight, {"norm": norm, "clipped": clipped, "secure_weight": weight}
