@@ -1,8 +1,9 @@
 """One description per model family: the decoder layer's linear layers (their names, which are
 the LoRA target names, and how they are laid out: fused q/k/v, fused gate/up), the default LoRA
-targets, the config field names and the memory model's style. The planner, the loader
-(``algorithms.core.modeling``), the fit check and the ONNX export all read this table, so they
-cannot disagree on what a LoRA adapter of a family is. Standard library only.
+targets, the config field names, the memory model's style and the attention pattern (sliding
+windows per layer, soft-caps). The planner, the loader (``algorithms.core.modeling``), the fit
+check and the ONNX export all read this table, so they cannot disagree on what a LoRA adapter
+of a family is or on which layers attend through a window. Standard library only.
 """
 
 from __future__ import annotations
@@ -51,6 +52,34 @@ class Family:
     present wins; else ``intermediate_factor * hidden``). ``conv1d``: weights stored
     in x out (transformers' ``Conv1D``; peft needs ``fan_in_fan_out``).
     ``learned_positions``: a position embedding table (``position_offset`` extra rows).
+
+    Attention pattern (the ONNX export builds the attention mask itself and reads these):
+    ``window_key``: the config field holding the sliding-window width (None: every layer is
+    plainly causal; a null value in a config also means no window). ``window_layers``:
+    ``"all"`` (one window on every layer, one mask for the model) or ``"layer_types"``
+    (``config.layer_types`` names each layer ``"sliding_attention"`` or ``"full_attention"``;
+    the model takes one mask per layer type). ``attn_softcap_key`` / ``final_softcap_key``:
+    config fields of the attention-score and final-logit soft-caps (``cap * tanh(x / cap)``;
+    an attention soft-cap needs eager attention, SDPA has none). ``mask_flags``: config
+    fields that, when set, change the mask beyond causal + window (the export refuses them).
+
+    How transformers runs the layer, as far as the memory of training cares (the planner's
+    activation model reads these; each was checked against the tensors autograd saves):
+    ``attn_implementation``: what transformers picks when the loader asks for none:
+    ``"sdpa"`` (fused scaled-dot-product attention: no ``seq x seq`` scores saved) or
+    ``"eager"`` (the model's own code: the full ``[batch, heads, seq, seq]`` score matrices are
+    saved; Gemma-2, whose attention soft-cap SDPA cannot apply). ``softcap_defaults``: the
+    attention and final-logit soft-caps a config gets when it omits the fields (the config
+    class defaults; Gemma-2: 50 and 30). ``post_norms``: a norm on each sublayer's output too
+    (Gemma-2/3: four RMSNorms per layer). ``qk_norm``: RMSNorm on q and k per head (Qwen3,
+    Gemma-3). ``parallel_key``: config field that, when true (the default), makes attention
+    and MLP read the same layer input (GPT-NeoX ``use_parallel_residual``, Falcon
+    ``parallel_attn``). ``attn_out_copy``: the rotary embedding concatenates, so SDPA's output
+    is ``[batch, heads, seq, dim]``-contiguous and the output projection gets a copy (Phi-3,
+    GPT-NeoX). ``sdpa_mask``: the model always hands SDPA a materialized ``[batch, 1, seq,
+    seq]`` mask (Falcon): SDPA saves a float copy per layer and grouped k/v are repeated.
+    ``eager_softmax_fp32``: eager attention takes its softmax in fp32 and casts back (all but
+    GPT-2, whose softmax stays in the compute dtype).
     """
 
     model_type: str
@@ -67,6 +96,19 @@ class Family:
     learned_positions: bool = False
     position_offset: int = 0
     tied_by_default: bool = False
+    window_key: str | None = None
+    window_layers: str = "all"
+    attn_softcap_key: str | None = None
+    final_softcap_key: str | None = None
+    mask_flags: tuple[str, ...] = ()
+    attn_implementation: str = "sdpa"
+    softcap_defaults: tuple[float | None, float | None] = (None, None)
+    post_norms: bool = False
+    qk_norm: bool = False
+    parallel_key: str | None = None
+    attn_out_copy: bool = False
+    sdpa_mask: bool = False
+    eager_softmax_fp32: bool = True
 
     @property
     def fused(self) -> dict[str, tuple[str, ...]]:
@@ -96,7 +138,7 @@ _LLAMA_MLP = ("gate_proj", "up_proj")
 _LLAMA_TARGETS = (*_LLAMA_ATTN, "o_proj", *_LLAMA_MLP, "down_proj")
 
 
-def _llama_like(model_type: str, tied: bool = False) -> Family:
+def _llama_like(model_type: str, tied: bool = False, **attention: Any) -> Family:
     return Family(
         model_type=model_type,
         style="llama",
@@ -107,14 +149,47 @@ def _llama_like(model_type: str, tied: bool = False) -> Family:
         gated=True,
         default_targets=_LLAMA_TARGETS,
         tied_by_default=tied,
+        **attention,
     )
 
+
+#: one sliding window on every layer (Mistral, Phi-3): a single mask
+_WINDOW_ALL = {"window_key": "sliding_window"}
+#: per-layer windows from ``config.layer_types`` (Qwen2/3 with use_sliding_window, Gemma 2/3)
+_WINDOW_BY_LAYER = {"window_key": "sliding_window", "window_layers": "layer_types"}
+_SOFTCAPS = {
+    "attn_softcap_key": "attn_logit_softcapping",
+    "final_softcap_key": "final_logit_softcapping",
+}
 
 _NEOX_NAMES = ("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h")
 
 FAMILIES: dict[str, Family] = {
-    **{mt: _llama_like(mt) for mt in ("llama", "mistral", "qwen2", "qwen3")},
-    **{mt: _llama_like(mt, tied=True) for mt in ("gemma", "gemma2")},
+    "llama": _llama_like("llama"),
+    "mistral": _llama_like("mistral", **_WINDOW_ALL),
+    "qwen2": _llama_like("qwen2", **_WINDOW_BY_LAYER),
+    "qwen3": _llama_like("qwen3", **_WINDOW_BY_LAYER, qk_norm=True),
+    "gemma": _llama_like("gemma", tied=True),
+    # transformers runs Gemma-2 with eager attention (SDPA has no soft-cap)
+    "gemma2": _llama_like(
+        "gemma2",
+        tied=True,
+        **_WINDOW_BY_LAYER,
+        **_SOFTCAPS,
+        attn_implementation="eager",
+        softcap_defaults=(50.0, 30.0),
+        post_norms=True,
+    ),
+    # Gemma 3's text model (Gemma3ForCausalLM); its bidirectional variant masks differently
+    "gemma3_text": _llama_like(
+        "gemma3_text",
+        tied=True,
+        **_WINDOW_BY_LAYER,
+        **_SOFTCAPS,
+        mask_flags=("use_bidirectional_attention",),
+        post_norms=True,
+        qk_norm=True,
+    ),
     "phi3": Family(
         model_type="phi3",
         style="llama",
@@ -124,6 +199,8 @@ FAMILIES: dict[str, Family] = {
         mlp_out="down_proj",
         gated=True,
         default_targets=("qkv_proj", "o_proj", "gate_up_proj", "down_proj"),
+        **_WINDOW_ALL,
+        attn_out_copy=True,
     ),
     "gpt2": Family(
         model_type="gpt2",
@@ -139,6 +216,7 @@ FAMILIES: dict[str, Family] = {
         conv1d=True,
         learned_positions=True,
         tied_by_default=True,
+        eager_softmax_fp32=False,
     ),
     "gpt_neox": Family(
         model_type="gpt_neox",
@@ -149,6 +227,8 @@ FAMILIES: dict[str, Family] = {
         mlp_out="dense_4h_to_h",
         gated=False,
         default_targets=_NEOX_NAMES,
+        parallel_key="use_parallel_residual",
+        attn_out_copy=True,
     ),
     "opt": Family(
         model_type="opt",
@@ -165,11 +245,13 @@ FAMILIES: dict[str, Family] = {
         tied_by_default=True,
     ),
 }
-# Falcon is laid out like GPT-NeoX (fused query_key_value, dense_h_to_4h / dense_4h_to_h); only
-# its FFN width field and its tied embeddings differ
+# Falcon is laid out like GPT-NeoX (fused query_key_value, dense_h_to_4h / dense_4h_to_h); its
+# FFN width field and its tied embeddings differ, and so does how it runs attention: its rotary
+# embedding keeps the layout (no copy before ``dense``) and it always materializes the mask
 FAMILIES["falcon"] = replace(
     FAMILIES["gpt_neox"], model_type="falcon", intermediate_keys=("ffn_hidden_size",),
-    intermediate_factor=4, tied_by_default=True)
+    intermediate_factor=4, tied_by_default=True, parallel_key="parallel_attn",
+    attn_out_copy=False, sdpa_mask=True)
 
 #: what an unknown model type with a llama-style config is treated as
 _FALLBACK = _llama_like("llama")

@@ -35,6 +35,10 @@ def _config(family: str):
         return tf.Gemma2Config(
             intermediate_size=48, num_key_value_heads=2, head_dim=16, **DIMS, **TOK
         )
+    if family == "gemma3_text":
+        return tf.Gemma3TextConfig(
+            intermediate_size=48, num_key_value_heads=2, head_dim=16, **DIMS, **TOK
+        )
     cls = {"llama": tf.LlamaConfig, "qwen2": tf.Qwen2Config, "mistral": tf.MistralConfig}[family]
     return cls(intermediate_size=48, num_key_value_heads=2, **DIMS, **TOK)
 
@@ -47,6 +51,7 @@ FAMILY_CASES = [
     "gpt2",
     "gpt_neox",
     "gemma2",
+    "gemma3_text",
     "opt",
     "opt-proj",
     "falcon",

@@ -19,6 +19,7 @@ __all__ = [
     "TINY_CORPUS",
     "TINY_PAIRS",
     "make_random_adapter",
+    "make_tiny_causal_lm",
     "make_tiny_gpt2",
     "make_tiny_llama",
     "session_model",
@@ -162,6 +163,38 @@ def make_tiny_gpt2(
     model.save_pretrained(str(out))
     tok.save_pretrained(str(out))
     _CACHE[key] = out
+    return out
+
+
+def make_tiny_causal_lm(
+    path: str | Path,
+    config_class: str,
+    seed: int = 0,
+    vocab_size: int = 400,
+    tokenizer_style: str = "metaspace",
+    **config: object,
+) -> Path:
+    """A model of any architecture from its transformers config class (by name, e.g.
+    ``"MistralConfig"``) and ``config`` fields, with a tokenizer, saved at ``path``."""
+    import torch
+    import transformers
+    from transformers import AutoModelForCausalLM
+
+    tok = _tokenizer(vocab_size, tokenizer_style)
+    cfg = getattr(transformers, config_class)(
+        vocab_size=len(tok),
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        **config,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(cfg)
+    out = Path(path)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(str(out))
+    tok.save_pretrained(str(out))
     return out
 
 

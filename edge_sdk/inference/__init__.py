@@ -17,6 +17,7 @@ from __future__ import annotations
 __all__ = [
     "BackendUnavailableError",
     "ExportError",
+    "ExportUnsupportedError",
     "ExportVerificationError",
     "GenerationConfigError",
     "Generator",
@@ -37,6 +38,12 @@ class InferenceError(Exception):
 
 class ExportError(InferenceError):
     """A model could not be exported to ONNX (exporter missing or failed)."""
+
+
+class ExportUnsupportedError(ExportError):
+    """The model uses a feature the ONNX export cannot reproduce exactly (e.g. an attention
+    pattern beyond causal + sliding window); the export refuses it before loading weights and
+    :func:`~.generate.load_backend` runs the model on torch eager instead, logging why."""
 
 
 class ExportVerificationError(ExportError):

@@ -33,7 +33,12 @@ from typing import Any
 
 import numpy as np
 
-from . import BackendUnavailableError, GenerationConfigError, InferenceError
+from . import (
+    BackendUnavailableError,
+    ExportUnsupportedError,
+    GenerationConfigError,
+    InferenceError,
+)
 
 __all__ = [
     "Decoder",
@@ -312,11 +317,12 @@ def load_backend(
     """A backend for ``model`` (a HF model directory, or an export directory for ORT).
 
     ``backend``: ``"ort"``, ``"torch"`` or ``"auto"`` (ORT when importable). When ORT is asked
-    for but onnxruntime cannot be imported, or the export fails, this logs why and returns a
-    torch backend, unless ``strict=True`` (then :class:`BackendUnavailableError`). A HF model
-    is exported on first use into ``export_dir`` (default ``~/.cache/cotune/onnx``), keyed by
-    its config/weights/adapter hashes. ``threads``/``providers`` go to ONNX Runtime,
-    ``device`` to torch.
+    for but onnxruntime cannot be imported, the export fails, or the model uses a feature the
+    export refuses (:class:`~edge_sdk.inference.ExportUnsupportedError`, e.g. an attention
+    pattern it cannot reproduce exactly), this logs why and returns a torch backend, unless
+    ``strict=True`` (then the error is raised). A HF model is exported on first use into
+    ``export_dir`` (default ``~/.cache/cotune/onnx``), keyed by its config/weights/adapter
+    hashes. ``threads``/``providers`` go to ONNX Runtime, ``device`` to torch.
     """
     from .onnx_export import MANIFEST_NAME, ensure_exported, ort_status
 
@@ -344,7 +350,10 @@ def load_backend(
             except InferenceError as exc:
                 if strict:
                     raise
-                why = f"ONNX export failed ({exc})"
+                if isinstance(exc, ExportUnsupportedError):
+                    why = f"the model is not exportable ({exc})"
+                else:
+                    why = f"ONNX export failed ({exc})"
         elif strict:
             raise BackendUnavailableError(why)
         log.warning("ONNX Runtime backend unavailable: %s; using the torch eager backend", why)

@@ -15,6 +15,17 @@ crosses the graph boundary: :class:`KVCausalLM` takes and returns flat tensors, 
 cache object inside, and (for export) builds the 4-D additive causal+padding mask itself, so
 the graph holds no data-dependent mask logic from the library.
 
+Attention pattern. What the mask must express comes from the family table
+(``firmware_profiles.families``), read by :func:`attention_spec`: a sliding window on every
+layer (Mistral, Phi-3: key ``j`` is visible to query ``i`` iff ``i - window < j <= i``), or
+per layer from ``config.layer_types`` (Qwen2/3 with ``use_sliding_window``, Gemma 2/3: the model
+gets one mask per layer type), plus the soft-caps (an attention soft-cap runs eager attention).
+The cache keeps every position on every layer (one layout for all), so the window is applied
+by the mask alone, in the prefill and in each cached decoding step alike. A pattern the export
+cannot reproduce (an unknown family with a window, chunked or bidirectional attention) raises
+:class:`~edge_sdk.inference.ExportUnsupportedError` before any weight is loaded; the runtime
+then runs torch eager and logs why.
+
 LoRA. ``lora_mode="merge"`` folds ``scaling * B @ A`` into the base weights (the graph is the
 tuned model). ``lora_mode="gated"`` keeps the adapter unmerged and multiplies its output by a
 per-row gate: one graph then serves the tuned model (gate 1), the base model (gate 0) and
@@ -25,11 +36,15 @@ onnxscript; the faster graph under ONNX Runtime), ``"torchscript"`` the legacy t
 quicker to export), ``"auto"`` tries dynamo and falls back to torchscript with a log line.
 
 Verification (when onnxruntime is importable): ONNX Runtime logits must match the torch
-model's on a fixed prompt, once as a single prefill (no past) and once fed in two halves (the
-second half with past), within ``max|diff| <= atol + rtol * max|logits|`` (defaults 1e-4 and
-1e-4; fp32 graphs land near 1e-6). The figures go into ``cotune_onnx.json`` beside
-``model.onnx``, with the model's dimensions, config/weights/adapter hashes and the tokenizer
-saved in the same directory, so a generator loads the whole directory.
+model's (transformers' own masks) on a fixed prompt, once as a single prefill (no past) and
+once fed in two halves (the second half with past), within ``max|diff| <= atol + rtol *
+max|logits|`` (defaults 1e-4 and 1e-4; fp32 graphs land near 1e-6). A model with a sliding
+window is also checked past it (``window + VERIFY_PAST_WINDOW`` tokens, capped at the model's
+positions): the full-sequence logits, and greedy decoding with the cache from a prompt shorter
+than the window to beyond it (every step's logits, and the tokens, which must be torch's
+greedy choice except at a tie within the tolerance). The figures go into ``cotune_onnx.json``
+beside ``model.onnx``, with the model's dimensions, attention pattern, config/weights/adapter
+hashes and the tokenizer saved in the same directory, so a generator loads the whole directory.
 """
 
 from __future__ import annotations
@@ -42,15 +57,21 @@ import shutil
 import tempfile
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from . import BackendUnavailableError, ExportError, ExportVerificationError
+from . import (
+    BackendUnavailableError,
+    ExportError,
+    ExportUnsupportedError,
+    ExportVerificationError,
+)
 
 __all__ = [
+    "AttentionSpec",
     "FORMAT",
     "FORMAT_VERSION",
     "MANIFEST_NAME",
@@ -58,6 +79,7 @@ __all__ = [
     "KVCausalLM",
     "LoraGate",
     "apply_lora",
+    "attention_spec",
     "default_export_cache",
     "ensure_exported",
     "export_onnx",
@@ -72,13 +94,18 @@ __all__ = [
 log = logging.getLogger("cotune.edge.inference")
 
 FORMAT = "cotune-onnx-kv"
-FORMAT_VERSION = 1
+#: 2: sliding-window masks (version 1 graphs of windowed families ignore the window)
+FORMAT_VERSION = 2
 MANIFEST_NAME = "cotune_onnx.json"
 MODEL_FILE = "model.onnx"
 GATE_INPUT = "lora_gate"
 LORA_MODES = ("merge", "gated")
 EXPORTERS = ("auto", "dynamo", "torchscript")
 VERIFY_TEXT = "The quick brown fox jumps over the lazy dog. In the beginning was the word."
+#: tokens verified beyond a sliding window (full-sequence logits and cached greedy steps)
+VERIFY_PAST_WINDOW = 16
+#: ``config.layer_types`` values the export has masks for
+_LAYER_TYPES = ("full_attention", "sliding_attention")
 
 
 def ort_status() -> tuple[bool, str]:
@@ -225,6 +252,125 @@ def apply_lora(
 
 
 # --------------------------------------------------------------------------------------------
+# the attention pattern, from the family table
+
+
+@dataclass(frozen=True)
+class AttentionSpec:
+    """What the exported masks must express for one model (see :func:`attention_spec`).
+
+    ``window``: the sliding-window width (None: no layer has one). ``sliding``: per layer,
+    whether it attends through the window. ``layer_types``: set when the model takes one mask
+    per layer type (a dict keyed ``"full_attention"`` / ``"sliding_attention"``) rather than
+    one mask. ``attn_softcap`` / ``final_softcap``: the soft-caps (the model applies them;
+    an attention soft-cap needs eager attention). ``unsupported``: why the export cannot
+    reproduce this model's attention (None when it can).
+    """
+
+    model_type: str
+    sliding: tuple[bool, ...]
+    window: int | None = None
+    layer_types: tuple[str, ...] | None = None
+    attn_softcap: float | None = None
+    final_softcap: float | None = None
+    unsupported: str | None = None
+
+    @property
+    def attn_implementation(self) -> str | None:
+        """The attention implementation this model needs (None: any)."""
+        return "eager" if self.attn_softcap is not None else None
+
+    def check_exportable(self) -> None:
+        if self.unsupported is not None:
+            raise ExportUnsupportedError(
+                f"{self.model_type}: {self.unsupported}; ONNX Runtime would give wrong logits, "
+                "so the model is not exported (the torch backend runs it)"
+            )
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "window": self.window,
+            "sliding_layers": [i for i, s in enumerate(self.sliding) if s],
+            "layer_types": list(self.layer_types) if self.layer_types is not None else None,
+            "attn_softcap": self.attn_softcap,
+            "final_softcap": self.final_softcap,
+        }
+
+
+def attention_spec(config: Any) -> AttentionSpec:
+    """The attention pattern of a transformers config, as its family (in
+    ``firmware_profiles.families``) describes it. Never raises: a pattern the export cannot
+    reproduce comes back with ``unsupported`` set (see :meth:`AttentionSpec.check_exportable`).
+    """
+    from firmware_profiles.families import family_of
+
+    mt = str(getattr(config, "model_type", "") or "")
+    layers = int(getattr(config, "num_hidden_layers", 0) or 0)
+    plain = (False,) * layers
+    fam = family_of(mt)
+    raw_types = getattr(config, "layer_types", None)
+    types = tuple(str(t) for t in raw_types) if raw_types is not None else None
+    if fam is None:
+        # not in the table: exported as plainly causal, unless the config shows a pattern
+        shown = [
+            f"{k}={getattr(config, k)!r}"
+            for k in ("sliding_window", "attention_chunk_size")
+            if getattr(config, k, None)
+        ]
+        if types is not None and any(t != "full_attention" for t in types):
+            shown.append(f"layer_types {sorted(set(types))}")
+        why = None
+        if shown:
+            why = (
+                f"attention pattern ({', '.join(shown)}) of a family that "
+                "firmware_profiles.families does not describe"
+            )
+        return AttentionSpec(mt, plain, unsupported=why)
+
+    def cap(key: str | None) -> float | None:
+        v = getattr(config, key, None) if key else None
+        return float(v) if v else None
+
+    spec = AttentionSpec(
+        mt, plain, attn_softcap=cap(fam.attn_softcap_key), final_softcap=cap(fam.final_softcap_key)
+    )
+    flags = [f for f in fam.mask_flags if getattr(config, f, None)]
+    if flags:
+        return replace(spec, unsupported=f"{', '.join(flags)} set (a non-causal mask)")
+    window = getattr(config, fam.window_key, None) if fam.window_key else None
+    if fam.window_layers == "layer_types":
+        if types is None or len(types) != layers:
+            return replace(
+                spec,
+                unsupported=f"config.layer_types {raw_types!r} does not name the {layers} layers",
+            )
+        odd = sorted(set(types) - set(_LAYER_TYPES))
+        if odd:
+            return replace(spec, layer_types=types, unsupported=f"layer types {odd}")
+        spec = replace(spec, layer_types=types)
+        sliding = tuple(t == "sliding_attention" for t in types)
+    else:
+        sliding = (True,) * layers
+    if not window or not any(sliding):
+        return spec
+    if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+        return replace(spec, unsupported=f"sliding window {window!r} is not a positive integer")
+    return replace(spec, window=window, sliding=sliding)
+
+
+def _read_config(model_path: str | Path) -> Any | None:
+    """The transformers config of a model directory (None when it cannot be read here; the
+    model load then reports the problem)."""
+    try:
+        from transformers import AutoConfig
+
+        return AutoConfig.from_pretrained(str(model_path))
+    except Exception as exc:  # unknown architecture, unreadable json: the loader says why
+        log.debug("%s: config not readable before the load (%s)", model_path, exc)
+        return None
+
+
+# --------------------------------------------------------------------------------------------
 # the flat-tensor wrapper
 
 
@@ -232,8 +378,9 @@ class KVCausalLM(torch.nn.Module):
     """A HF causal LM behind flat tensors: ``(input_ids, attention_mask, position_ids,
     *past, [lora_gate]) -> (logits, *present)`` (see the module docstring for shapes).
 
-    ``export_mask=True`` builds the 4-D additive causal+padding mask here (used for export);
-    ``False`` hands the 2-D mask to transformers (its own, slightly faster, eager path).
+    ``export_mask=True`` builds the 4-D additive causal+padding mask here (used for export),
+    windowed as ``attention`` says (one mask, or one per layer type); ``False`` hands the 2-D
+    mask to transformers (its own, slightly faster, eager path; it applies windows itself).
     """
 
     def __init__(
@@ -242,12 +389,14 @@ class KVCausalLM(torch.nn.Module):
         num_layers: int,
         gate: LoraGate | None = None,
         export_mask: bool = False,
+        attention: AttentionSpec | None = None,
     ):
         super().__init__()
         self.model = model
         self.num_layers = int(num_layers)
         self.gate = gate
         self.export_mask = export_mask
+        self.attention = attention
 
     @property
     def gated(self) -> bool:
@@ -282,17 +431,32 @@ class KVCausalLM(torch.nn.Module):
             present += [layer.keys, layer.values]
         return (out.logits, *present)
 
-    def _mask(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def _mask(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor
+    ) -> torch.Tensor | dict[str, torch.Tensor]:
+        """Additive [batch, 1, seq, total] mask(s). Positions index the whole cache (past +
+        new), as transformers' masks do: query ``i`` sees key ``j`` iff ``j <= i`` (and, on a
+        windowed layer, ``j > i - window``) and ``attention_mask[j]`` is set."""
         seq = input_ids.shape[1]
         total = attention_mask.shape[1]
         q_pos = torch.arange(seq, device=input_ids.device) + (total - seq)
         k_pos = torch.arange(total, device=input_ids.device)
-        allowed = (k_pos[None, :] <= q_pos[:, None])[None, None] & (
-            attention_mask[:, None, None, :] > 0
-        )
+        causal = k_pos[None, :] <= q_pos[:, None]
+        keep = attention_mask[:, None, None, :] > 0
         dtype = _weight_dtype(self.model.get_input_embeddings())
         zero = torch.zeros((), dtype=dtype, device=input_ids.device)
-        return torch.where(allowed, zero, torch.finfo(dtype).min)
+
+        def additive(allowed: torch.Tensor) -> torch.Tensor:
+            return torch.where(allowed[None, None] & keep, zero, torch.finfo(dtype).min)
+
+        spec = self.attention
+        if spec is None or spec.window is None:
+            return additive(causal)
+        windowed = causal & (k_pos[None, :] > q_pos[:, None] - spec.window)
+        if spec.layer_types is None:  # one window on every layer
+            return additive(windowed)
+        masks = {"full_attention": causal, "sliding_attention": windowed}
+        return {t: additive(masks[t]) for t in sorted(set(spec.layer_types))}
 
 
 @dataclass
@@ -309,6 +473,7 @@ class KVModel:
     eos_token_ids: list[int]
     adapter: dict[str, Any] | None
     max_positions: int | None = None
+    attention: AttentionSpec | None = None
 
 
 def load_kv_model(
@@ -319,10 +484,26 @@ def load_kv_model(
     export_mask: bool = False,
     attn_implementation: str = "sdpa",
 ) -> KVModel:
-    """Load a local HF model dir (+ optional adapter) as a :class:`KVModel` in fp32 eval mode."""
+    """Load a local HF model dir (+ optional adapter) as a :class:`KVModel` in fp32 eval mode.
+
+    With ``export_mask=True`` a model whose attention pattern cannot be exported raises
+    :class:`ExportUnsupportedError`. An attention soft-cap (the family table says where a
+    config has one) overrides ``attn_implementation`` with eager attention.
+    """
     from algorithms.core.modeling import load_causal_lm
 
     model, tokenizer, _ = load_causal_lm(model_path, quant="fp32", device=device)
+    spec = attention_spec(model.config)
+    if export_mask:
+        spec.check_exportable()
+    if spec.attn_implementation is not None and attn_implementation != spec.attn_implementation:
+        log.info(
+            "%s: attention soft-capping (%s) needs %s attention",
+            model_path,
+            spec.attn_softcap,
+            spec.attn_implementation,
+        )
+        attn_implementation = spec.attn_implementation
     try:
         model.set_attn_implementation(attn_implementation)
     except Exception as exc:  # architectures without sdpa keep their default
@@ -338,7 +519,7 @@ def load_kv_model(
     if adapter is not None:
         gate, adapter_info = apply_lora(model, adapter, lora_mode)
     layers = int(model.config.num_hidden_layers)
-    module = KVCausalLM(model, layers, gate, export_mask=export_mask).eval()
+    module = KVCausalLM(model, layers, gate, export_mask=export_mask, attention=spec).eval()
     kv_heads, head_dim = _probe_kv_shape(module, device)
     return KVModel(
         module,
@@ -351,6 +532,7 @@ def load_kv_model(
         _eos_ids(model.config, tokenizer),
         adapter_info,
         _max_positions(model.config),
+        spec,
     )
 
 
@@ -477,6 +659,16 @@ def load_manifest(export_dir: str | Path) -> dict[str, Any]:
             f"{path} has format version {manifest.get('version')}, newer than this SDK's "
             f"{FORMAT_VERSION}; upgrade cotune or re-export"
         )
+    if int(manifest.get("version", 0)) < 2:
+        from firmware_profiles.families import family_of
+
+        fam = family_of(manifest.get("model_type"))
+        if fam is not None and fam.window_key is not None:
+            raise BackendUnavailableError(
+                f"{path}: a version {manifest.get('version')} export of a "
+                f"{manifest.get('model_type')} model, whose graph ignores a sliding window "
+                "(wrong logits past it); export it again"
+            )
     if not (d / manifest.get("model_file", MODEL_FILE)).is_file():
         raise BackendUnavailableError(f"{d} lacks {manifest.get('model_file', MODEL_FILE)}")
     return manifest
@@ -548,8 +740,10 @@ def export_onnx(
 ) -> dict[str, Any]:
     """Export ``model_path`` (+ ``adapter``) to ``out_dir/model.onnx``; returns the manifest.
 
-    Raises :class:`ExportError` when no exporter works and :class:`ExportVerificationError`
-    when ONNX Runtime's logits differ from torch's beyond the tolerance (see module docs).
+    Raises :class:`ExportUnsupportedError` (before loading the weights) when the model's
+    attention pattern cannot be exported, :class:`ExportError` when no exporter works and
+    :class:`ExportVerificationError` when ONNX Runtime's logits differ from torch's beyond the
+    tolerance (see module docs).
     """
     if exporter not in EXPORTERS:
         raise ExportError(f"unknown exporter {exporter!r}; choose one of {list(EXPORTERS)}")
@@ -561,6 +755,9 @@ def export_onnx(
         ) from exc
     t0 = time.perf_counter()
     fp = _fingerprint or fingerprint(model_path, adapter)
+    config = _read_config(model_path)
+    if config is not None:  # refuse before loading the weights
+        attention_spec(config).check_exportable()
     kv = load_kv_model(model_path, adapter, lora_mode, export_mask=True)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -580,6 +777,7 @@ def export_onnx(
         "head_dim": kv.head_dim,
         "vocab_size": kv.vocab_size,
         "max_positions": kv.max_positions,
+        "attention": kv.attention.as_dict() if kv.attention is not None else None,
         "dtype": "float32",
         "eos_token_ids": kv.eos_token_ids,
         "inputs": input_names(kv.num_layers, kv.module.gated),
@@ -736,7 +934,8 @@ def _name_dynamic_axes(path: Path, num_layers: int) -> None:
 
 
 def _verify(kv: KVModel, onnx_path: Path, atol: float, rtol: float) -> dict[str, Any]:
-    """ORT vs torch logits, without past (one prefill) and with past (two halves)."""
+    """ORT vs torch logits, without past (one prefill) and with past (two halves), and for a
+    model with a sliding window also past it (see the module docs)."""
     ok, why = ort_status()
     if not ok:
         log.warning("export not verified: %s", why)
@@ -744,10 +943,10 @@ def _verify(kv: KVModel, onnx_path: Path, atol: float, rtol: float) -> dict[str,
     import numpy as np
     import onnxruntime as ort
 
-    ids = list(kv.tokenizer(VERIFY_TEXT, add_special_tokens=False)["input_ids"])
-    if len(ids) < 4:  # a degenerate tokenizer: fall back to fixed ids
-        ids = [i % kv.vocab_size for i in range(3, 19)]
-    ids = ids[:32]
+    text_ids = list(kv.tokenizer(VERIFY_TEXT, add_special_tokens=False)["input_ids"])
+    if len(text_ids) < 4:  # a degenerate tokenizer: fall back to fixed ids
+        text_ids = [i % kv.vocab_size for i in range(3, 19)]
+    ids = text_ids[:32]
     rows = 2 if kv.module.gated else 1
     gate = np.array([1.0, 0.0][:rows], dtype=np.float32)
     ref_mod = KVCausalLM(kv.module.model, kv.num_layers, kv.module.gate, export_mask=False)
@@ -793,7 +992,7 @@ def _verify(kv: KVModel, onnx_path: Path, atol: float, rtol: float) -> dict[str,
     with_past = float(
         max(np.abs(first[0] - ref[:, :half]).max(), np.abs(second[0] - ref[:, half:]).max())
     )
-    result = {
+    result: dict[str, Any] = {
         "prompt_tokens": len(ids),
         "rows": rows,
         "max_abs_diff_no_past": no_past,
@@ -808,5 +1007,57 @@ def _verify(kv: KVModel, onnx_path: Path, atol: float, rtol: float) -> dict[str,
             f"ONNX Runtime logits differ from torch: max |diff| {no_past:.3g} without past, "
             f"{with_past:.3g} with past, tolerance {tol:.3g}; try exporter='torchscript' or "
             "report the model architecture"
+        )
+    window = kv.attention.window if kv.attention is not None else None
+    if window is None:
+        return result
+
+    # past the window: the full sequence, then greedy decoding with the cache from a prompt
+    # shorter than the window to beyond it
+    n = window + VERIFY_PAST_WINDOW
+    if kv.max_positions is not None:
+        n = min(n, kv.max_positions)
+    if n <= window:
+        result["past_window"] = {
+            "window": window,
+            "skipped": f"the window is not shorter than the model's {kv.max_positions} positions",
+        }
+        return result
+    seq = np.array([(text_ids * (n // len(text_ids) + 1))[:n]] * rows, dtype=np.int64)
+    ref_long = run_torch(seq)
+    tol_long = atol + rtol * float(np.abs(ref_long).max())
+    long_diff = float(np.abs(run_ort(seq, empty)[0] - ref_long).max())
+    prompt = max(1, window // 2, window - VERIFY_PAST_WINDOW // 2)
+    out = run_ort(seq[:, :prompt], empty)
+    fed, got = seq[:, :prompt], [out[0][:, -1]]
+    while fed.shape[1] < n:
+        step = got[-1].argmax(-1).astype(np.int64)[:, None]
+        out = run_ort(step, out[1:])
+        fed = np.concatenate([fed, step], axis=1)
+        got.append(out[0][:, -1])
+    logits = np.stack(got, axis=1)  # [rows, steps + 1, V]
+    want = run_torch(fed)[:, prompt - 1 :]
+    greedy_diff = float(np.abs(logits - want).max())
+    top2 = np.sort(want, axis=-1)[..., -2:]
+    differ = logits.argmax(-1) != want.argmax(-1)
+    tie = (top2[..., 1] - top2[..., 0]) <= 2 * tol_long
+    wrong = int((differ & ~tie).sum())
+    result["past_window"] = {
+        "window": window,
+        "tokens": n,
+        "max_abs_diff": long_diff,
+        "greedy_prompt_tokens": prompt,
+        "greedy_steps": n - prompt,
+        "max_abs_diff_greedy": greedy_diff,
+        "greedy_token_mismatches": wrong,
+        "greedy_ties": int((differ & tie).sum()),
+        "tolerance": tol_long,
+    }
+    if not (long_diff <= tol_long and greedy_diff <= tol_long and wrong == 0):
+        raise ExportVerificationError(
+            f"ONNX Runtime logits differ from torch past the sliding window ({window}): max "
+            f"|diff| {long_diff:.3g} over {n} tokens, {greedy_diff:.3g} in greedy decoding with "
+            f"the cache ({wrong} greedy tokens differ), tolerance {tol_long:.3g}; report the "
+            "model architecture"
         )
     return result
