@@ -29,7 +29,6 @@ selection is not revealed to the adversary.
 from __future__ import annotations
 
 import math
-import os
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field
@@ -37,6 +36,8 @@ from functools import lru_cache
 from typing import Any
 
 import numpy as np
+
+from algorithms.core.client_dp import noise_rng
 
 from .errors import AggregatorError, InvalidUpdate
 from .validation import UpdateSpec, ValidatedUpdate, encode, to_float64, validate_update
@@ -221,13 +222,6 @@ def clip_update(update: Mapping[str, np.ndarray], spec: UpdateSpec, clip: float,
                                 "dtype's precision", client=client)
 
 
-def noise_rng(seed: int | None = None, *salt: int) -> np.random.Generator:
-    """A Generator seeded from the OS's CSPRNG (128 bits), or from ``seed`` in tests."""
-    if seed is None:
-        return np.random.default_rng(int.from_bytes(os.urandom(16), "little"))
-    return np.random.default_rng([int(seed), *[int(s) for s in salt]])
-
-
 def noisy_mean(mean: Mapping[str, np.ndarray], count: int, spec: UpdateSpec, *, clip: float, z: float,
                denominator: float, rng: np.random.Generator) -> dict[str, np.ndarray]:
     """Central DP release: ``reference + (sum of clipped deltas + N(0, (z C)^2)) / denominator``.
@@ -239,23 +233,6 @@ def noisy_mean(mean: Mapping[str, np.ndarray], count: int, spec: UpdateSpec, *, 
         total += rng.normal(0.0, z * clip, size=total.shape)
         out[name] = ref + total / denominator
     return out
-
-
-def privatize_upload(update: Mapping[str, np.ndarray], reference: Mapping[str, np.ndarray], dp: Mapping[str, Any],
-                     *, salt: int = 0) -> dict[str, np.ndarray]:
-    """The client half: clip the delta of ``update`` to the ``reference`` (the global it
-    received) to ``dp["clip"]``; in local mode also add N(0, (z C)^2). Same dtypes out."""
-    declared = {n: "bfloat16" for n, a in reference.items() if a.dtype == np.uint16}
-    spec = UpdateSpec.from_state(dict(reference), declared=declared)
-    clip = float(dp["clip"])
-    checked = clip_update(update, spec, clip)
-    if dp.get("mode") != "local":
-        return dict(checked.tensors)
-    rng = noise_rng(dp.get("seed"), salt)
-    std = float(dp["noise_multiplier"]) * clip
-    return {n: encode(to_float64(checked.tensors[n], spec.tensors[n].dtype)
-                      + rng.normal(0.0, std, size=spec.tensors[n].shape), spec.tensors[n].dtype)
-            for n in spec.names}
 
 
 # -- the server's side -----------------------------------------------------------------------

@@ -86,7 +86,9 @@ class SecureAggConfig:
     ``clip``: L2 bound of a client's delta to the global, enforced by the client (with ``dp``,
     ``dp.clip`` is used and this may be omitted). ``weight_cap``: a client's weight is
     min(num_examples, weight_cap) / weight_cap (unweighted with ``dp``). ``threshold_fraction``
-    and ``degree`` size the neighbour graph (degree None: 3 log2 n, even). ``step_timeout_s``:
+    and ``degree`` size the neighbour graph (degree None: the smallest even degree >= 3 log2 n
+    with which a round survives clients dropping out at ``dropout_rate`` except with probability
+    1e-6, see :meth:`bridge.secagg.SecAggParams.for_clients`). ``step_timeout_s``:
     how long each of steps 2-5 waits for the clients (step 1 waits for training, up to the
     round deadline)."""
 
@@ -94,6 +96,7 @@ class SecureAggConfig:
     weight_cap: int = 1000
     threshold_fraction: float = 0.5
     degree: int | None = None
+    dropout_rate: float = 0.1
     step_timeout_s: float = 30.0
 
     @classmethod
@@ -138,6 +141,9 @@ class SecureAggConfig:
         if cfg.degree is not None and (isinstance(cfg.degree, bool) or not isinstance(cfg.degree, int)
                                        or cfg.degree < 2 or cfg.degree % 2):
             raise SecureAggConfigError("secure_aggregation: degree must be an even int >= 2 or null")
+        if isinstance(cfg.dropout_rate, bool) or not isinstance(cfg.dropout_rate, (int, float)) \
+                or not 0 <= cfg.dropout_rate < 0.5:
+            raise SecureAggConfigError("secure_aggregation: dropout_rate must be in [0, 0.5)")
         if not cfg.step_timeout_s > 0:
             raise SecureAggConfigError("secure_aggregation: step_timeout_s must be > 0")
         return cls(**{**asdict(cfg), "clip": float(clip)})
@@ -146,7 +152,8 @@ class SecureAggConfig:
         """The round's parameters: sized for ``selected`` clients, each coordinate within the
         clip (plus the noise share's range); fewer than ``quorum`` inputs are never unmasked."""
         p = SecAggParams.for_clients(selected, value_range(self.clip, noise_std), max_clients=selected,
-                                     threshold_fraction=self.threshold_fraction, min_clients=max(2, quorum))
+                                     threshold_fraction=self.threshold_fraction, min_clients=max(2, quorum),
+                                     dropout_rate=self.dropout_rate)
         if self.degree is not None:
             degree = min(self.degree, max(2, selected - 1))
             threshold = min(degree, max(2, math.ceil(self.threshold_fraction * degree) + 1))

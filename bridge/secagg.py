@@ -66,7 +66,7 @@ from cryptography.exceptions import InvalidSignature, InvalidTag
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
-from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from cryptography.hazmat.primitives.serialization import (
@@ -154,6 +154,11 @@ def _step(name: str):
 # ---------------------------------------------------------------------------------- parameters
 
 
+def _binom_below(k: int, p: float, t: int) -> float:
+    """P[Binomial(k, p) < t], exact."""
+    return float(sum(math.comb(k, i) * p**i * (1 - p) ** (k - i) for i in range(t)))
+
+
 def _is_int(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
@@ -208,9 +213,16 @@ class SecAggParams:
         max_clients: int | None = None,
         threshold_fraction: float = 0.5,
         min_clients: int = 2,
+        dropout_rate: float = 0.0,
+        failure: float = 1e-6,
     ) -> SecAggParams:
         """SecAgg+ sizing for about ``n`` clients: degree = smallest even number >= 3*log2(n)
-        (logarithmic growth), capped at n - 1 (then everyone is a neighbour, as in SecAgg);
+        (logarithmic growth) such that, when each client drops out independently with
+        probability ``dropout_rate``, the chance that some client keeps fewer than ``threshold``
+        of its neighbours is at most ``failure`` (union bound over the n clients, exact binomial
+        tail); capped at n - 1 (then everyone is a neighbour, as in SecAgg). The degree needed
+        grows like log(n) / (1/2 - dropout_rate)^2: sparse graphs pay off for large n and
+        moderate dropout rates;
         threshold = max(2, ceil(fraction * degree) + 1), capped at degree. A fraction below 0.5
         may give ``2 * threshold <= degree``, which is refused (see the threat model). For
         n < 3 the degree is 2 and every round aborts (``too_few_clients``): with two clients the
@@ -219,10 +231,18 @@ class SecAggParams:
             raise SecAggError(f"need a positive number of clients, got {n!r}")
         if not 0 < threshold_fraction <= 1:
             raise SecAggError(f"threshold_fraction must be in (0, 1], got {threshold_fraction!r}")
+        if not 0 <= dropout_rate < 0.5:
+            raise SecAggError(f"dropout_rate must be in [0, 0.5), got {dropout_rate!r}")
+
+        def threshold_of(k: int) -> int:
+            return min(k, max(2, math.ceil(threshold_fraction * k) + 1))
+
         degree = max(2, math.ceil(3 * math.log2(n)))
         degree += degree % 2
+        while degree < n - 1 and n * _binom_below(degree, 1 - dropout_rate, threshold_of(degree)) > failure:
+            degree += 2
         degree = min(degree, max(n - 1, 2))
-        threshold = min(degree, max(2, math.ceil(threshold_fraction * degree) + 1))
+        threshold = threshold_of(degree)
         return cls(
             clip=float(clip),
             max_clients=n if max_clients is None else max_clients,
@@ -328,14 +348,16 @@ def _mask_seed(
 
 
 def prg(seed: bytes, length: int) -> np.ndarray:
-    """``length`` uint32 words of the ChaCha20 keystream under key ``seed`` (32 bytes), zero
-    nonce and counter."""
+    """``length`` uint32 words of the AES-256-CTR keystream under key ``seed`` (32 bytes),
+    counter block starting at zero: block i is AES_seed(i as a 128-bit big-endian integer).
+    AES-CTR rather than ChaCha20: with AES-NI it expands a mask about six times faster here,
+    and mask expansion is most of a client's secure-round cost. Read-only array."""
     if not isinstance(seed, (bytes, bytearray)) or len(seed) != 32:
         raise SecAggError("prg seed must be 32 bytes")
     if not _is_int(length) or length < 0:
         raise SecAggError(f"prg length must be a non-negative int, got {length!r}")
-    enc = Cipher(algorithms.ChaCha20(bytes(seed), bytes(16)), mode=None).encryptor()
-    return np.frombuffer(enc.update(bytes(4 * length)), dtype="<u4").astype(np.uint32)
+    enc = Cipher(algorithms.AES(bytes(seed)), modes.CTR(bytes(16))).encryptor()
+    return np.frombuffer(enc.update(bytes(4 * length)), dtype="<u4")
 
 
 def neighbour_graph(clients: Sequence[str], degree: int, seed: bytes) -> dict[str, list[str]]:
@@ -390,10 +412,11 @@ def encode_input(values: np.ndarray, weight: float, params: SecAggParams) -> np.
     v = np.asarray(values)
     if v.ndim != 1 or v.dtype.kind not in "fiu":
         raise SecAggAbort("bad_input", "values must be a 1-D numeric array")
-    v = v.astype(np.float64)
-    if not np.all(np.isfinite(v)):
+    v = v.astype(np.float64, copy=False)
+    top = float(np.max(np.abs(v))) if v.size else 0.0  # NaN propagates: checked here too
+    if not math.isfinite(top):
         raise SecAggAbort("bad_input", "non-finite value")
-    if v.size and float(np.max(np.abs(v))) > params.clip * (1 + 1e-9):
+    if top > params.clip * (1 + 1e-9):
         raise SecAggAbort("bad_input", f"a value exceeds clip {params.clip}")
     if (
         isinstance(weight, bool)
@@ -405,9 +428,14 @@ def encode_input(values: np.ndarray, weight: float, params: SecAggParams) -> np.
     scale = params.value_scale()
     # max_clients * bound <= 2**31 - 1 (the min guards against float rounding up)
     bound = min(math.floor(params.clip * scale), INT_MAX // params.max_clients)
-    q = np.clip(np.rint(v * scale), -bound, bound).astype(np.int32)
-    w = np.int32(round(float(weight) * params.weight_scale()))
-    return np.concatenate([q, [w]]).astype(np.int32).view(np.uint32)
+    out = np.empty(v.size + 1, dtype=np.int32)
+    q = np.rint(v * scale)
+    if top * scale > bound:  # only within the 1e-9 slack: bring the few edge values in
+        np.minimum(q, bound, out=q)
+        np.maximum(q, -bound, out=q)
+    out[:-1] = q
+    out[-1] = round(float(weight) * params.weight_scale())
+    return out.view(np.uint32)
 
 
 def decode_sum(total: np.ndarray, params: SecAggParams) -> tuple[np.ndarray, float]:

@@ -13,14 +13,8 @@ from collections.abc import Mapping
 
 import numpy as np
 
+from algorithms.core.wire_values import dtype_name, to_float64
 from bridge.secagg import SecAggAbort
-
-
-def to_float64(arr: np.ndarray) -> np.ndarray:
-    """A wire tensor's values (bfloat16 travels as uint16 bits)."""
-    if arr.dtype == np.uint16:
-        return (arr.astype(np.uint32) << 16).view(np.float32).astype(np.float64)
-    return np.asarray(arr, dtype=np.float64)
 
 
 def flat_delta(update: Mapping[str, np.ndarray], reference: Mapping[str, np.ndarray]) -> np.ndarray:
@@ -33,7 +27,7 @@ def flat_delta(update: Mapping[str, np.ndarray], reference: Mapping[str, np.ndar
         u, ref = update[name], reference[name]
         if u.shape != ref.shape:
             raise SecAggAbort("bad_input", f"{name}: shape {u.shape} differs from the global's {ref.shape}")
-        parts.append((to_float64(u) - to_float64(ref)).ravel())
+        parts.append((to_float64(u, dtype_name(u)) - to_float64(ref, dtype_name(ref))).ravel())
     return np.concatenate(parts) if parts else np.zeros(0)
 
 
@@ -57,5 +51,8 @@ def secure_input(update: Mapping[str, np.ndarray], reference: Mapping[str, np.nd
         rng = rng or np.random.default_rng(int.from_bytes(os.urandom(16), "little"))
         delta += rng.normal(0.0, noise_std, size=delta.shape)
     weight = 1.0 if unweighted else min(max(1, int(num_examples)), weight_cap) / weight_cap
-    values = np.clip(delta * weight, -value_range, value_range)
+    values = delta * weight if weight != 1.0 else delta
+    if noise_std > 0:  # only noise can leave the range (practically never)
+        np.minimum(values, value_range, out=values)
+        np.maximum(values, -value_range, out=values)
     return values, weight, {"norm": norm, "clipped": clipped, "secure_weight": weight}

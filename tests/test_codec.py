@@ -28,7 +28,13 @@ def _same_update(a: Update, b: Update) -> None:
 def _secagg_samples() -> dict:
     import base64
 
-    from bridge.messages import SecAggKeys, SecAggNeighbours, SecAggReveal, SecAggShares, SecAggUnmask
+    from bridge.messages import (
+        SecAggKeys,
+        SecAggNeighbours,
+        SecAggReveal,
+        SecAggShares,
+        SecAggUnmask,
+    )
 
     def b(n: int, c: bytes = b"k") -> str:
         return base64.b64encode(c * n).decode()

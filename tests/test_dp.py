@@ -25,10 +25,10 @@ from aggregator.dp import (  # noqa: E402
     epsilon,
     noise_rng,
     noisy_mean,
-    privatize_upload,
 )
 from aggregator.errors import InvalidUpdate  # noqa: E402
 from aggregator.validation import UpdateSpec  # noqa: E402
+from algorithms.core.client_dp import privatize_upload  # noqa: E402
 
 
 def _spec(**ref) -> UpdateSpec:

@@ -200,8 +200,17 @@ def test_prg_deterministic_seeded_and_spread():
     assert np.array_equal(prg(b"\x01" * 32, 10), a[:10])  # a prefix of the same keystream
     assert a.min() < 2**32 // 1000 and a.max() > 2**32 - 2**32 // 1000
     assert abs(a.astype(np.float64).mean() / 2**31 - 1) < 0.01
-    # RFC 8439 A.1 test vector 1: ChaCha20 keystream for the all-zero key and nonce
-    assert prg(bytes(32), 2).tolist() == [0xADE0B876, 0x903DF1A0]
+    # the keystream is AES-256 of the counter blocks 0, 1, 2, ... (checked with AES-ECB)
+    from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+
+    key = bytes(range(32))
+    ecb = Cipher(algorithms.AES(key), modes.ECB()).encryptor()
+    blocks = ecb.update(b"".join(i.to_bytes(16, "big") for i in range(3))) + ecb.finalize()
+    assert prg(key, 12).tobytes() == blocks
+    # FIPS-197 C.3: AES-256 of 00112233...eeff under the key 000102...1f
+    pt = bytes.fromhex("00112233445566778899aabbccddeeff")
+    ecb = Cipher(algorithms.AES(key), modes.ECB()).encryptor()
+    assert (ecb.update(pt) + ecb.finalize()).hex() == "8ea2b7ca516745bfeafc49904b496089"
     with pytest.raises(SecAggError):
         prg(b"short", 4)
 
@@ -757,3 +766,23 @@ def test_hundred_clients_round_is_fast():
     elapsed = time.perf_counter() - t0
     assert stats["degree"] == 20 and stats["s_reconstructed"] == 3
     assert elapsed < 30, f"100-client round took {elapsed:.1f} s"
+
+
+def test_degree_is_sized_for_the_expected_dropout_rate():
+    import math
+
+    def survives_below(k: int, t: int, q: float) -> float:  # P[Binomial(k, 1 - q) < t], by hand
+        return sum(math.comb(k, i) * (1 - q) ** i * q ** (k - i) for i in range(t))
+
+    for n, q in ((1000, 0.3), (10_000, 0.2), (1000, 0.1)):
+        p = SecAggParams.for_clients(n, 1.0, dropout_rate=q)
+        k, t = p.degree, p.threshold
+        assert t == math.ceil(k / 2) + 1 and k % 2 == 0
+        assert n * survives_below(k, t, q) <= 1e-6  # every neighbourhood keeps t, but for 1e-6
+        k2 = k - 2
+        assert k2 < math.ceil(3 * math.log2(n)) or n * survives_below(k2, math.ceil(k2 / 2) + 1, q) > 1e-6
+    # no dropouts expected: the logarithmic SecAgg+ degree; many: the complete graph for small n
+    assert SecAggParams.for_clients(1000, 1.0).degree == 30
+    assert SecAggParams.for_clients(100, 1.0, dropout_rate=0.3).degree == 99
+    with pytest.raises(SecAggError):
+        SecAggParams.for_clients(100, 1.0, dropout_rate=0.5)

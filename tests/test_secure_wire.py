@@ -5,6 +5,7 @@ error, with devices dropping out at every step."""
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import tempfile
@@ -139,3 +140,64 @@ def test_too_many_dropouts_abandon_the_round_and_keep_the_global():
         assert run.device_stats["errors"].get("secagg_abort", 0) >= 1  # the devices were told
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+@pytest.mark.usefixtures("one_torch_thread")
+def test_real_clients_secure_aggregation_with_distributed_dp(make_federation, tiny_llama_path, tmp_path,
+                                                            monkeypatch):
+    """Three EdgeClients training a real tiny Llama: secure rounds with central DP whose noise the
+    clients add in shares; the global is the unweighted noisy mean over the fixed denominator,
+    recomputed from what each client fed into the masking, and the status carries epsilon."""
+    import edge_sdk.secure_upload as su
+    from aggregator.dp import epsilon
+    from aggregator.service import AggregatorService
+    from aggregator.state import StateStore
+    from algorithms.fedavg.server import wire_cast
+    from bridge.broker import MosquittoBroker
+    from tests.test_federation import SHARDS, _config, _start_clients
+
+    if find_mosquitto() is None:
+        pytest.skip("needs mosquitto (CI installs it)")
+    fed_inputs: list = []
+    real = su.secure_input
+
+    def recording(*args, **kwargs):  # what each client fed into the masking (tests only)
+        out = real(*args, **kwargs)
+        fed_inputs.append((kwargs["noise_std"], kwargs["unweighted"], out[0].copy()))
+        return out
+
+    monkeypatch.setattr(su, "secure_input", recording)
+    z, clip, delta = 0.5, 0.05, 1e-5
+    paths = make_federation("sadp", list(SHARDS))
+    broker = MosquittoBroker(paths.mosquitto_conf).start()
+    try:
+        _, threads = _start_clients(paths, tiny_llama_path, list(SHARDS), tmp_path / "clients")
+        cfg = _config(paths, tiny_llama_path, tmp_path / "agg", rounds=2,
+                      dp={"mode": "central", "clip": clip, "noise_multiplier": z, "delta": delta},
+                      secure_aggregation={"step_timeout_s": 20})
+        status = AggregatorService(cfg, progress=None).run()
+        for t in threads:
+            t.join(60)
+    finally:
+        broker.stop()
+    assert status["rounds_committed"] == 2
+    assert status["last_committed"]["metrics"]["dp_epsilon"] == pytest.approx(epsilon([(1.0, z)] * 2, delta))
+    assert len(fed_inputs) == 6
+    assert all(std == pytest.approx(z * clip / math.sqrt(3)) and unweighted for std, unweighted, _ in fed_inputs)
+    with StateStore(tmp_path / "agg" / "state.db") as store:
+        for r in (1, 2):
+            rs = store.load_round(r, with_partial=False)
+            m = rs.info.metrics
+            assert m["secagg"]["survivors"] == 3 and m["dp"]["noise"] == "distributed"
+            assert m["dp"]["denominator"] == 3
+            prev = store.load_round(r - 1, with_partial=False).info.global_digest
+            ref = wire_cast(store.load_global(prev).tensors, "fp16")
+            total = sum(v for _, _, v in fed_inputs[3 * (r - 1):3 * r])
+            got = store.load_global(rs.info.global_digest).tensors
+            off = 0
+            for name in sorted(ref):
+                size = ref[name].size
+                want = ref[name].astype(np.float64) + total[off:off + size].reshape(ref[name].shape) / 3
+                np.testing.assert_allclose(got[name], want, rtol=1e-6, atol=1e-6)
+                off += size
+            assert off == total.size

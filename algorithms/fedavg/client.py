@@ -41,7 +41,7 @@ class FedAvgClient(ClientAlgorithm):
                    **{f"{k}_after": v for k, v in after.items()}}
         tensors = to_wire(adapter_state(model), cfg.wire_dtype)
         if dp:
-            from aggregator.dp import privatize_upload
+            from algorithms.core.client_dp import privatize_upload
 
             tensors = privatize_upload(tensors, unpack_state(downloads["global"]), dp,
                                        salt=zlib.crc32(f"{ctx.party_id}:{task.round}".encode()))
