@@ -191,7 +191,9 @@ class AggregatorService:
         pool = self._pool(round)
         k = min(len(pool), max(self.cfg.min_clients, round_half_up(self.cfg.fraction * len(pool))))
         self._pool_size = len(pool)
-        rng = random.Random(f"{self.cfg.seed}:{round}")
+        # with dp, amplification by sampling assumes nobody can predict who is selected: the draw
+        # is from the OS's CSPRNG (the ledger records it, so a restart keeps the same set)
+        rng = random.SystemRandom() if self.dp is not None else random.Random(f"{self.cfg.seed}:{round}")
         return sorted(rng.sample(sorted(pool), k))
 
     def _pool(self, round: int) -> list[str]:
