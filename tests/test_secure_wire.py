@@ -201,3 +201,22 @@ def test_real_clients_secure_aggregation_with_distributed_dp(make_federation, ti
                 np.testing.assert_allclose(got[name], want, rtol=1e-6, atol=1e-6)
                 off += size
             assert off == total.size
+
+
+def test_secure_aggregation_config_errors(tmp_path):
+    from aggregator.config import AggregatorConfig, ConfigError
+
+    base = dict(party_config="x", state_dir=str(tmp_path), secure_aggregation={"clip": 1.0})
+    AggregatorConfig(**base)  # valid
+    AggregatorConfig(**{**base, "secure_aggregation": {}}, dp={"clip": 0.5, "noise_multiplier": 1.0})  # dp's clip
+    for kw, match in (({"algorithm": "fedmkt"}, "collects"), ({"aggregation": "median"}, "in the clear"),
+                      ({"ingest_workers": 2}, "ingest_workers"), ({"mode": "buffered"}, "synchronous"),
+                      ({"secure_aggregation": {}}, "clip"),
+                      ({"secure_aggregation": {"clip": 1.0, "threshold_fraction": 0.4}}, r"\[0.5, 1\)"),
+                      ({"secure_aggregation": {"clip": 1.0, "dropout_rate": 0.5}}, "dropout_rate"),
+                      ({"secure_aggregation": {"clip": 1.0, "degree": 3}}, "even"),
+                      ({"secure_aggregation": {"clip": 1.0, "bogus": 1}}, "unknown keys"),
+                      ({"secure_aggregation": {"clip": 2.0}, "dp": {"clip": 1.0, "noise_multiplier": 1.0}},
+                       "differ")):
+        with pytest.raises(ConfigError, match=match):
+            AggregatorConfig(**{**base, **kw})
