@@ -208,10 +208,11 @@ def test_secure_aggregation_config_errors(tmp_path):
 
     base = dict(party_config="x", state_dir=str(tmp_path), secure_aggregation={"clip": 1.0})
     AggregatorConfig(**base)  # valid
-    AggregatorConfig(**{**base, "secure_aggregation": {}}, dp={"clip": 0.5, "noise_multiplier": 1.0})  # dp's clip
+    AggregatorConfig(**{**base, "secure_aggregation": {"step_timeout_s": 5}},
+                     dp={"clip": 0.5, "noise_multiplier": 1.0})  # the clip is dp's
     for kw, match in (({"algorithm": "fedmkt"}, "collects"), ({"aggregation": "median"}, "in the clear"),
                       ({"ingest_workers": 2}, "ingest_workers"), ({"mode": "buffered"}, "synchronous"),
-                      ({"secure_aggregation": {}}, "clip"),
+                      ({"secure_aggregation": {"weight_cap": 10}}, "clip"),
                       ({"secure_aggregation": {"clip": 1.0, "threshold_fraction": 0.4}}, r"\[0.5, 1\)"),
                       ({"secure_aggregation": {"clip": 1.0, "dropout_rate": 0.5}}, "dropout_rate"),
                       ({"secure_aggregation": {"clip": 1.0, "degree": 3}}, "even"),
