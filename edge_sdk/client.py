@@ -305,6 +305,9 @@ class EdgeClient:
             if not d.fits and not ckpt:  # the device's own default: checkpoint rather than refuse
                 d2 = check_task_fits(self.profile, self.ctx.model_path, task.config.get("lora") or {},
                                      task.config["train"], self.ctx.quant, True)
+                if d2.fits and task.config["train"].get("dp_sgd"):
+                    return (f"{d.message}; it would fit only with activation checkpointing, which DP-SGD "
+                            "cannot use (no per-example gradients through recomputed activations)")
                 if d2.fits:
                     log.warning("%s: round %d fits only with activation checkpointing; turning it on",
                                 self.party_id, task.round)

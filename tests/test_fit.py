@@ -168,6 +168,10 @@ def test_edge_client_turns_on_checkpointing_when_that_is_what_makes_the_task_fit
     client = EdgeClient(paths.party_config("dev1"), llama7b_dir, ["text"], profile="agx-orin-32gb", quant=quant,
                         work_dir=tmp_path / "w", progress=None)
     assert client.ctx.gradient_checkpointing is False
+    dp_train = {**found, "dp_sgd": {"noise_multiplier": 1.0, "max_grad_norm": 1.0}}
+    refusal = client._does_not_fit(Task(round=1, algorithm="fedavg", config={"lora": lora, "train": dp_train}))
+    assert refusal is not None and "DP-SGD" in refusal  # checkpointing cannot rescue a DP-SGD task
+    assert client.ctx.gradient_checkpointing is False
     assert client._does_not_fit(Task(round=1, algorithm="fedavg", config={"lora": lora, "train": found})) is None
     assert client.ctx.gradient_checkpointing is True
 

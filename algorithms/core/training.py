@@ -3,7 +3,8 @@
 :func:`train_causal_lm` runs AdamW over the parameters that require grad, with gradient
 accumulation, optional activation checkpointing, warmup + schedule, gradient clipping, an
 optional FedProx proximal term and an ``extra_loss`` hook for algorithm-specific terms (KD,
-merged-adapter proximal terms, ...). It stops at the first of: ``epochs`` done, ``max_steps``
+merged-adapter proximal terms, ...), and optional record-level DP-SGD (``TrainConfig.dp_sgd``,
+:mod:`algorithms.core.dp_sgd`). It stops at the first of: ``epochs`` done, ``max_steps``
 optimizer steps, ``time_budget_s`` seconds, a non-finite loss, or a progress callback asking to
 stop; :attr:`TrainResult.stopped_by` says which.
 
@@ -58,6 +59,13 @@ class TrainConfig:
     steps when in (0, 1). ``block_size``: used when ``train_causal_lm`` tokenizes raw data; for a
     :class:`TokenizedDataset` it may be None or must equal the dataset's. ``proximal_mu``: FedProx
     weight of ``mu/2 * ||theta - theta_ref||^2`` over trainable parameters.
+
+    ``dp_sgd``: None, or a dict turning on record-level DP-SGD (see :mod:`algorithms.core.dp_sgd`:
+    ``noise_multiplier`` or ``target_epsilon``, ``max_grad_norm`` (the per-example clip),
+    ``delta``, ``accountant``, ``seed``); it is stored with its defaults filled in. Under DP-SGD
+    the per-example clip replaces ``max_grad_norm`` (the global clip is not applied), each step
+    Poisson-samples its rows with rate ``batch_size * grad_accum / rows`` (``shuffle`` is
+    unused), and ``gradient_checkpointing`` is refused.
     """
 
     lr: float = 2e-4
@@ -79,8 +87,11 @@ class TrainConfig:
     #: prompt/response pairs: "auto" formats them with the tokenizer's chat template when it has
     #: one (loss on the assistant turn only), "never" concatenates (algorithms/core/textdata.py)
     chat_template: str = "auto"
+    dp_sgd: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
+        from algorithms.core.dp_sgd import normalize_dp_sgd
+
         errs: list[str] = []
         if self.chat_template not in ("auto", "never"):
             errs.append(f"chat_template must be 'auto' or 'never', got {self.chat_template!r}")
@@ -122,6 +133,15 @@ class TrainConfig:
             errs.append(f"seed must be an integer, got {self.seed!r}")
         if not _is_num(self.proximal_mu) or self.proximal_mu < 0:
             errs.append(f"proximal_mu must be >= 0, got {self.proximal_mu!r}")
+        dp_sgd, dp_errs = normalize_dp_sgd(self.dp_sgd)
+        errs.extend(dp_errs)
+        if dp_sgd is not None:
+            self.dp_sgd = dp_sgd
+            if self.gradient_checkpointing:
+                errs.append(
+                    "dp_sgd cannot be combined with gradient_checkpointing: Opacus's per-example "
+                    "gradient hooks get nothing from recomputed layers; turn one of them off"
+                )
         if errs:
             raise TrainingError("invalid TrainConfig: " + "; ".join(errs))
 
@@ -160,6 +180,10 @@ class TrainResult:
     without extra/proximal terms. ``peak_memory_bytes``: see ``memory_kind`` and
     :mod:`algorithms.core.memory` (CUDA: peak allocated; CPU: peak process RSS).
     ``stopped_by``: epochs | max_steps | time_budget | non_finite_loss | callback.
+    ``dp_sgd_epsilon``: with ``TrainConfig.dp_sgd``, the epsilon spent at its delta (Opacus's
+    accountant over the steps taken; ``inf`` with noise_multiplier 0), and ``dp_sgd`` the
+    mechanism (noise_multiplier, max_grad_norm, delta, accountant, sample_rate, steps, ...).
+    ``losses`` then skips steps whose Poisson sample drew no row. None without DP-SGD.
     """
 
     steps: int
@@ -174,6 +198,8 @@ class TrainResult:
     stopped_by: str
     memory_kind: str = ""
     losses: list[float] = field(default_factory=list)
+    dp_sgd_epsilon: float | None = None
+    dp_sgd: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -243,8 +269,16 @@ def train_causal_lm(
 
     Training is deterministic for a given ``cfg.seed`` (data order and dropout) on a given
     device; the global RNG state is restored afterwards. The model is left in train mode.
+
+    With ``cfg.dp_sgd`` the step is DP-SGD (:mod:`algorithms.core.dp_sgd`); it raises
+    :class:`~algorithms.core.dp_sgd.DPSGDUnsupportedError` for an ``extra_loss``, a model with
+    activation checkpointing on, or a missing opacus install.
     """
-    from algorithms.core.modeling import disable_cpu_weight_repacking, set_gradient_checkpointing
+    from algorithms.core.modeling import (
+        disable_cpu_weight_repacking,
+        is_checkpointing,
+        set_gradient_checkpointing,
+    )
 
     if not isinstance(cfg, TrainConfig):
         raise TrainingError(f"cfg must be a TrainConfig, got {type(cfg).__name__}")
@@ -263,6 +297,22 @@ def train_causal_lm(
     params = _trainable(model)
     if not params:
         raise TrainingError("model has no trainable parameters; attach a LoRA adapter first")
+    if cfg.dp_sgd is not None:
+        from algorithms.core.dp_sgd import DPSGDUnsupportedError
+
+        if extra_loss is not None:
+            raise DPSGDUnsupportedError(
+                "dp_sgd does not support extra_loss: per-example clipping needs a loss that is a "
+                "sum of per-example terms reached through the model's forward, and an extra term "
+                "may mix examples or be computed straight from the parameters (then Opacus would "
+                "drop it silently); train without it or without dp_sgd"
+            )
+        if is_checkpointing(model):
+            raise DPSGDUnsupportedError(
+                "dp_sgd cannot train a model with activation checkpointing on: Opacus's "
+                "per-example gradient hooks get nothing from recomputed layers; call "
+                "set_gradient_checkpointing(model, False) or load it without checkpointing"
+            )
 
     disable_cpu_weight_repacking(model)
     if cfg.gradient_checkpointing:
@@ -281,6 +331,15 @@ def train_causal_lm(
         list(params.values()), lr=cfg.lr, weight_decay=cfg.weight_decay, foreach=False
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg, total_steps))
+    dp_plan = None
+    if cfg.dp_sgd is not None:
+        from algorithms.core.dp_sgd import DPSGDRun, plan_dp_sgd
+
+        dp_plan = plan_dp_sgd(
+            cfg.dp_sgd, dataset.num_examples, cfg.batch_size * cfg.grad_accum, total_steps
+        )
+    dp: DPSGDRun | None = None
+    dp_report: dict[str, Any] | None = None
     reporter = _Reporter(progress, total_steps, cfg.log_every)
 
     losses: list[float] = []
@@ -293,11 +352,19 @@ def train_causal_lm(
     with PeakMemory(device) as pm, torch.random.fork_rng(devices=fork_devices):
         torch.manual_seed(cfg.seed)
         try:
+            if dp_plan is not None:
+                dp = DPSGDRun(model, optimizer, params, dp_plan, device)
             for epoch in range(cfg.epochs):
-                micro = list(dataset.batches(cfg.batch_size, epoch=epoch, shuffle=cfg.shuffle))
-                groups = [
-                    micro[i : i + cfg.grad_accum] for i in range(0, len(micro), cfg.grad_accum)
-                ]
+                groups: Iterable[list[Any]]
+                if dp is not None:  # Poisson-sampled logical batches, possibly empty
+                    groups = dp.groups(dataset, steps_per_epoch, cfg.batch_size)
+                else:
+                    micro = list(
+                        dataset.batches(cfg.batch_size, epoch=epoch, shuffle=cfg.shuffle)
+                    )
+                    groups = [
+                        micro[i : i + cfg.grad_accum] for i in range(0, len(micro), cfg.grad_accum)
+                    ]
                 for group in groups:
                     if cfg.max_steps is not None and steps >= cfg.max_steps:
                         stopped_by = "max_steps"
@@ -309,16 +376,28 @@ def train_causal_lm(
                             stopped_by = "time_budget"
                             break
                     ts = time.perf_counter()
-                    loss_value, finite = accumulate_step(
-                        model,
-                        group,
-                        extra_loss=extra_loss,
-                        proximal=(params, ref, cfg.proximal_mu) if ref is not None else None,
-                    )
-                    if finite:
-                        max_norm = cfg.max_grad_norm if cfg.max_grad_norm is not None else math.inf
-                        norm = torch.nn.utils.clip_grad_norm_(list(params.values()), max_norm)
-                        finite = math.isfinite(loss_value) and bool(torch.isfinite(norm))
+                    if dp is not None:
+                        # .grad = the clipped, noised, averaged per-example gradients
+                        loss_value, finite = dp.accumulate(group)
+                        if finite and ref is not None:  # data-independent: post-processing
+                            _add_proximal_grad(params, ref, cfg.proximal_mu)
+                        finite = finite and all(
+                            p.grad is None or bool(torch.isfinite(p.grad).all())
+                            for p in params.values()
+                        )
+                    else:
+                        loss_value, finite = accumulate_step(
+                            model,
+                            group,
+                            extra_loss=extra_loss,
+                            proximal=(params, ref, cfg.proximal_mu) if ref is not None else None,
+                        )
+                        if finite:
+                            max_norm = (
+                                cfg.max_grad_norm if cfg.max_grad_norm is not None else math.inf
+                            )
+                            norm = torch.nn.utils.clip_grad_norm_(list(params.values()), max_norm)
+                            finite = math.isfinite(loss_value) and bool(torch.isfinite(norm))
                     if not finite:
                         optimizer.zero_grad(set_to_none=True)
                         stopped_by = "non_finite_loss"
@@ -334,7 +413,8 @@ def train_causal_lm(
                     optimizer.zero_grad(set_to_none=True)
                     steps += 1
                     step_times.append(time.perf_counter() - ts)
-                    losses.append(loss_value)
+                    if group:  # a DP-SGD step may have drawn no row
+                        losses.append(loss_value)
                     examples += sum(int(b["input_ids"].shape[0]) for b in group)
                     tokens += sum(int((b["labels"][:, 1:] != -100).sum()) for b in group)
                     pm.update()
@@ -359,6 +439,9 @@ def train_causal_lm(
                     stopped_by = "max_steps"
         finally:
             seconds = time.perf_counter() - t0
+            if dp is not None:
+                dp.close()
+                dp_report = dp.report()
             reporter.close(
                 TrainProgress(
                     step=steps,
@@ -385,6 +468,8 @@ def train_causal_lm(
         stopped_by=stopped_by,
         memory_kind=pm.kind,
         losses=losses,
+        dp_sgd_epsilon=dp_report["epsilon"] if dp_report is not None else None,
+        dp_sgd=dp_report,
     )
 
 
@@ -420,6 +505,19 @@ def _reference_for(
             )
         out[n] = t.detach().to(device=p.device, dtype=torch.float32)
     return out
+
+
+def _add_proximal_grad(
+    params: Mapping[str, torch.nn.Parameter], reference: Mapping[str, torch.Tensor], mu: float
+) -> None:
+    """Add the FedProx term's gradient ``mu * (p - ref)`` to each ``.grad`` (DP-SGD path)."""
+    prox = proximal_term(params, reference, mu)
+    grads = torch.autograd.grad(prox, list(params.values()))
+    for p, g in zip(params.values(), grads, strict=True):
+        if p.grad is None:
+            p.grad = g.to(p.dtype)
+        else:
+            p.grad.add_(g.to(p.grad.dtype))
 
 
 def accumulate_step(
