@@ -602,6 +602,7 @@ def main() -> int:
     (out / f"quality-{tag}.json").write_text(json.dumps({"figures": fig, **b.results}, indent=2, default=str))
     b.plot(out / f"quality-{tag}.png", algos)
     b.say(f"wrote {out / f'quality-{tag}.json'} and .png")
+    fig["zoo"] = b.zoo.name  # the models the figures came from (recipe, key, checkpoint hashes)
     print("BENCH quality " + json.dumps(fig), flush=True)
     return 0
 
@@ -647,6 +648,7 @@ def run_dp(args) -> int:
     (out / f"quality-{tag}.json").write_text(json.dumps({"figures": fig, **b.results}, indent=2, default=str))
     _plot_dp(out / f"quality-{tag}.png", runs, fig)
     b.say(f"wrote {out / f'quality-{tag}.json'} and .png")
+    fig["zoo"] = b.zoo.name  # the models the figures came from (recipe, key, checkpoint hashes)
     print("BENCH quality " + json.dumps(fig), flush=True)
     return 0
 
@@ -684,6 +686,7 @@ def run_async(args) -> int:
                                                         default=str))
     b.plot_async(out / f"quality-{tag}.png")
     b.say(f"wrote {out / f'quality-{tag}.json'} and .png")
+    fig["zoo"] = b.zoo.name  # the models the figures came from (recipe, key, checkpoint hashes)
     print("BENCH quality " + json.dumps(fig), flush=True)
     return 0
 

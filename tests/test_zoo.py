@@ -206,3 +206,21 @@ def test_recipe_round_trip_and_lanes():
     lanes = _schedule(FULL)
     assert lanes[0] == ["llm"] and sorted(lanes[1]) == ["slm-gpt2", "slm-llama"]
     assert len(_schedule(QUICK)) == 1
+
+
+def test_cached_zoo_is_verified_against_its_recorded_hashes(zoo, tmp_path):
+    import shutil
+
+    from algorithms.zoo.build import ZooError, verify_zoo
+
+    _, paths, _ = zoo
+    assert len(paths.digest) == 64 and paths.name.endswith(paths.digest[:12])
+    verify_zoo(paths.root, paths.manifest)  # as built
+    copy = tmp_path / "copy"
+    shutil.copytree(paths.root, copy)
+    weights = copy / "slm-gpt2" / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1  # one flipped bit in one weight
+    weights.write_bytes(bytes(data))
+    with pytest.raises(ZooError, match="slm-gpt2/model.safetensors does not match"):
+        verify_zoo(copy, paths.manifest)

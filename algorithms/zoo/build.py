@@ -38,7 +38,7 @@ try:  # POSIX only; without it concurrent builders merely duplicate work
 except ImportError:  # pragma: no cover
     fcntl = None  # type: ignore[assignment]
 
-__all__ = ["ZooError", "ZooPaths", "build_zoo", "default_cache_dir", "recipe_key"]
+__all__ = ["ZooError", "ZooPaths", "build_zoo", "default_cache_dir", "models_digest", "recipe_key", "verify_zoo"]
 
 MANIFEST = "manifest.json"
 
@@ -65,6 +65,17 @@ class ZooPaths:
     @property
     def key(self) -> str:
         return self.manifest["key"]
+
+    @property
+    def digest(self) -> str:
+        """Hash of every checkpoint file's SHA-256 (the models themselves, not the recipe): two
+        zoos with the same digest hold bitwise the same models. Quality figures carry it."""
+        return models_digest(self.manifest)
+
+    @property
+    def name(self) -> str:
+        """``<recipe>-<key>:<digest[:12]>``: what a benchmark line names its models with."""
+        return f"{self.manifest['recipe']['name']}-{self.key}:{self.digest[:12]}"
 
     def load(self, name: str):
         """``(model, tokenizer)`` for ``name``, loaded the way any user checkpoint is."""
@@ -126,6 +137,24 @@ def build_zoo(
     return found
 
 
+def models_digest(manifest: dict) -> str:
+    files = {name: manifest["models"][name]["files"] for name in MODEL_NAMES}
+    return hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()
+
+
+def verify_zoo(root: Path, manifest: dict) -> None:
+    """Every checkpoint file hashes to what the build recorded; ZooError naming the first that
+    does not (a corrupted or hand-edited zoo must not produce figures under its name)."""
+    for name in MODEL_NAMES:
+        for fname, digest in manifest["models"][name]["files"].items():
+            path = root / name / fname
+            if not path.is_file():
+                raise ZooError(f"zoo {root}: {name}/{fname} is missing; delete {root} to rebuild")
+            if _sha256(path) != digest:
+                raise ZooError(f"zoo {root}: {name}/{fname} does not match the hash recorded at build time "
+                               f"(corrupted or modified); delete {root} to rebuild")
+
+
 def _cached(root: Path, key: str) -> ZooPaths | None:
     try:
         manifest = json.loads((root / MANIFEST).read_text())
@@ -137,6 +166,7 @@ def _cached(root: Path, key: str) -> ZooPaths | None:
     for path in paths.values():
         if not (path / "config.json").is_file() or not (path / "model.safetensors").is_file():
             return None
+    verify_zoo(root, manifest)
     return ZooPaths(
         root=root,
         llm=paths["llm"],
