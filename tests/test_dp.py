@@ -199,8 +199,9 @@ def test_config_errors(tmp_path):
 # -- over the wire -------------------------------------------------------------------------------
 
 @pytest.mark.usefixtures("one_torch_thread")
+@pytest.mark.parametrize("workers", [0, 2], ids=["service", "ingest-workers"])
 def test_dp_fedavg_over_mosquitto_ends_with_the_expected_epsilon(make_federation, tiny_llama_path, tmp_path,
-                                                               capsys):
+                                                               capsys, workers):
     from aggregator.service import AggregatorService
     from aggregator.state import StateStore
     from bridge.broker import MosquittoBroker, find_mosquitto
@@ -213,12 +214,12 @@ def test_dp_fedavg_over_mosquitto_ends_with_the_expected_epsilon(make_federation
     eps2, eps3 = epsilon([(1.0, z)] * 2, delta), epsilon([(1.0, z)] * 3, delta)
     dp = {"mode": "central", "clip": clip, "noise_multiplier": z, "delta": delta,
           "epsilon_budget": (eps2 + eps3) / 2, "seed": 11}
-    paths = make_federation("dptest", list(SHARDS), aggregator_instances=1)
+    paths = make_federation(f"dptest{workers}", list(SHARDS), aggregator_instances=max(1, workers))
     broker = MosquittoBroker(paths.mosquitto_conf).start()
     try:
         work = tmp_path / "clients"
         _, threads = _start_clients(paths, tiny_llama_path, list(SHARDS), work)
-        cfg = _config(paths, tiny_llama_path, tmp_path / "agg", rounds=3, dp=dp)
+        cfg = _config(paths, tiny_llama_path, tmp_path / "agg", rounds=3, dp=dp, ingest_workers=workers)
         svc = AggregatorService(cfg, progress=None)
         status = svc.run()
         for t in threads:
@@ -274,3 +275,45 @@ def test_simulate_shares_the_release(tiny_llama_path, tmp_path):
                    progress=None, apply_final=False, dp={"clip": 0.05, "noise_multiplier": 1.0, "seed": 1})
     assert [r.server["dp"]["rounds_released"] for r in res.rounds] == [1, 2]
     assert res.rounds[-1].server["dp_epsilon"] == pytest.approx(epsilon([(1.0, 1.0)] * 2, 1e-5))
+
+
+@pytest.mark.usefixtures("one_torch_thread")
+def test_local_dp_over_mosquitto(make_federation, tiny_llama_path, tmp_path):
+    """Local mode over the wire: each client clips and noises its own update (seeded here), the
+    service averages what arrived without clipping or noise, and charges z/2 per round."""
+    from aggregator.service import AggregatorService
+    from aggregator.state import StateStore
+    from bridge.broker import MosquittoBroker, find_mosquitto
+    from tests.test_federation import SHARDS, _config, _sent_update, _start_clients
+
+    if find_mosquitto() is None:
+        pytest.skip("needs mosquitto (CI installs it)")
+    z, clip, delta = 0.8, 0.05, 1e-5
+    dp = {"mode": "local", "clip": clip, "noise_multiplier": z, "delta": delta, "seed": 5}
+    paths = make_federation("dplocal", list(SHARDS))
+    broker = MosquittoBroker(paths.mosquitto_conf).start()
+    try:
+        work = tmp_path / "clients"
+        _, threads = _start_clients(paths, tiny_llama_path, list(SHARDS), work)
+        status = AggregatorService(_config(paths, tiny_llama_path, tmp_path / "agg", rounds=2, dp=dp),
+                                   progress=None).run()
+        for t in threads:
+            t.join(60)
+    finally:
+        broker.stop()
+    assert status["rounds_committed"] == 2
+    assert status["last_committed"]["metrics"]["dp_epsilon"] == pytest.approx(
+        epsilon([(1.0, z)] * 2, delta, mode="local"), rel=1e-12)
+    with StateStore(tmp_path / "agg" / "state.db") as store:
+        for r in (1, 2):
+            sent = [_sent_update(work, c, r) for c in SHARDS]
+            got = store.load_global(store.load_round(r, with_partial=False).info.global_digest).tensors
+            prev = store.load_round(r - 1, with_partial=False).info.global_digest
+            ref = store.load_global(prev).tensors
+            for n in got:  # the unweighted mean of the noisy uploads, untouched by the service
+                want = sum(u.tensors[n].astype(np.float64) for u in sent) / 3
+                np.testing.assert_allclose(got[n], want, rtol=1e-5, atol=1e-7)
+            # each upload moved by noise of std z C around the clipped delta
+            noise = np.concatenate([(u.tensors[n].astype(np.float64) - ref[n].astype(np.float64)).ravel()
+                                    for u in sent for n in got])
+            assert np.std(noise) == pytest.approx(z * clip, rel=0.15)

@@ -221,3 +221,30 @@ def test_secure_aggregation_config_errors(tmp_path):
                        "differ")):
         with pytest.raises(ConfigError, match=match):
             AggregatorConfig(**{**base, **kw})
+
+
+def test_secure_dp_round_with_dropouts_ends_with_the_expected_epsilon():
+    """Secure aggregation with distributed DP over the wire, devices dropping out at two steps:
+    the round commits, releases with the fixed denominator, and the status carries the epsilon
+    the accountant gives for it."""
+    from aggregator.dp import epsilon
+    from aggregator.state import StateStore
+
+    parties = [f"d{i:05d}" for i in range(12)]
+    z, clip, delta = 1.0, CLIP, 1e-5
+    drop = {parties[3]: "masked", parties[9]: "reveal"}
+    run, work = _run("secagg-dp", 12, drop=drop, deadline=30, step_s=2.0,
+                     extra={"dp": {"mode": "central", "clip": clip, "noise_multiplier": z, "delta": delta,
+                                   "expected_clients": 12}})
+    try:
+        assert run.aggregator_exit == 0, run.note
+        with StateStore(work / "aggregator" / "state.db") as store:
+            m = store.round_info(1).metrics
+            status = store.status()
+        assert m["secagg"]["survivors"] == 11 and m["secagg"]["dropped"] == 1, m
+        assert m["dp"]["noise"] == "distributed" and m["dp"]["denominator"] == 12
+        assert m["dp_epsilon"] == pytest.approx(epsilon([(1.0, z)], delta))
+        assert status["last_committed"]["metrics"]["dp_epsilon"] == pytest.approx(epsilon([(1.0, z)], delta))
+        assert m["secagg"]["weight_sum"] == pytest.approx(11.0, abs=1e-6)  # unweighted: one per input
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
