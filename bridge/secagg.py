@@ -100,32 +100,31 @@ class SecAggError(BridgeError):
     code = "secagg"
 
 
-class SecAggAbort(SecAggError):
+class _ReasonedError(SecAggError):
+    """A SecAgg error with a short stable ``reason`` and a free-form ``detail``."""
+
+    what = ""
+
+    def __init__(self, reason: str, detail: str = ""):
+        self.reason = reason
+        self.detail = detail
+        super().__init__(f"{self.what}: {reason}" + (f" ({detail})" if detail else ""))
+
+
+class SecAggAbort(_ReasonedError):
     """The round's secure aggregation cannot complete (or an honest client refuses a request):
     typed ``reason`` (short stable string), nothing is revealed."""
 
     code = "secagg_abort"
-
-    def __init__(self, reason: str, detail: str = ""):
-        self.reason = reason
-        self.detail = detail
-        super().__init__(
-            f"secure aggregation aborted: {reason}" + (f" ({detail})" if detail else "")
-        )
+    what = "secure aggregation aborted"
 
 
-class SecAggRejected(SecAggError):
+class SecAggRejected(_ReasonedError):
     """The server refuses one client's message (bad signature, duplicate, wrong recipients or
     length); the round goes on without it."""
 
     code = "secagg_rejected"
-
-    def __init__(self, reason: str, detail: str = ""):
-        self.reason = reason
-        self.detail = detail
-        super().__init__(
-            f"secure aggregation message rejected: {reason}" + (f" ({detail})" if detail else "")
-        )
+    what = "secure aggregation message rejected"
 
 
 def _step(name: str):

@@ -134,15 +134,20 @@ def load_samples(spec: dict | None, base: Path | None = None) -> list:
     return items
 
 
-def _load_legacy_jsonl(path: Path) -> list:
-    items: list = []
+def _jsonl_rows(path: Path):
+    """(line number, parsed value) of every non-blank line of a JSON Lines file."""
     for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
         if not line.strip():
             continue
         try:
-            row = json.loads(line)
+            yield n, json.loads(line)
         except json.JSONDecodeError as e:
             raise DataSpecError(f"{path}, line {n}: not valid JSON ({e.msg})") from None
+
+
+def _load_legacy_jsonl(path: Path) -> list:
+    items: list = []
+    for n, row in _jsonl_rows(path):
         if isinstance(row, dict) and "text" in row:
             items.append(_string(row["text"], path, f"line {n}", "text"))
         elif isinstance(row, dict) and "prompt" in row and "response" in row:
@@ -319,13 +324,7 @@ def _sample(kind: str, cols: dict[str, str], row: dict, where: str, path: Path) 
 def _read_jsonl(path: Path, spec: dict, fmt: str) -> _Table:
     rows: list[dict] = []
     lines: list[int] = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataSpecError(f"{path}, line {n}: not valid JSON ({e.msg})") from None
+    for n, row in _jsonl_rows(path):
         if not isinstance(row, dict):
             raise DataSpecError(
                 f"{path}, line {n}: expected a JSON object, got {type(row).__name__}"
