@@ -248,3 +248,36 @@ def test_secure_dp_round_with_dropouts_ends_with_the_expected_epsilon():
         assert m["secagg"]["weight_sum"] == pytest.approx(11.0, abs=1e-6)  # unweighted: one per input
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+@pytest.mark.usefixtures("one_torch_thread")
+def test_fedcollm_round_under_secure_aggregation(make_federation, tiny_llama_path, tiny_llm_path, tmp_path):
+    """An averaged algorithm with a server step: FedCoLLM's clients mask their adapters, the
+    service unmasks the weighted mean and runs its mutual distillation on it."""
+    from aggregator.service import AggregatorService
+    from aggregator.state import StateStore
+    from bridge.broker import MosquittoBroker
+    from tests.test_federation import SHARDS, _config, _start_clients
+    from tests.test_federation_llm import ALIGN, DISTILL, TRAIN
+    from tests.tiny_models import TINY_CORPUS
+
+    if find_mosquitto() is None:
+        pytest.skip("needs mosquitto (CI installs it)")
+    paths = make_federation("sacollm", list(SHARDS))
+    broker = MosquittoBroker(paths.mosquitto_conf).start()
+    try:
+        _, threads = _start_clients(paths, tiny_llama_path, list(SHARDS), tmp_path / "clients")
+        cfg = _config(paths, tiny_llama_path, tmp_path / "agg", rounds=1, algorithm="fedcollm",
+                      algorithm_config={"train": TRAIN, "distill": DISTILL, "align_base": ALIGN,
+                                        "eval_block_size": 16, "lora": {"r": 4, "alpha": 8}},
+                      models={"slm": str(tiny_llama_path), "llm": str(tiny_llm_path)}, llm={"backend": "local"},
+                      public_data=TINY_CORPUS[:8], secure_aggregation={"clip": 10.0, "step_timeout_s": 20})
+        status = AggregatorService(cfg, progress=None).run()
+        for t in threads:
+            t.join(60)
+    finally:
+        broker.stop()
+    assert status["last_committed"]["round"] == 1
+    with StateStore(tmp_path / "agg" / "state.db") as store:
+        m = store.round_info(1).metrics
+    assert m["secagg"]["survivors"] == 3 and m["steps"] == 2  # unmasked, then the server step ran
