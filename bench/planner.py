@@ -2,8 +2,11 @@
 
 For every configuration of a grid (Llama-, Qwen2- and GPT-2-architecture models built from
 configs; quant fp32/bf16/nf4/int8; LoRA rank; batch; sequence length; activation
-checkpointing on/off; fused or eager attention) the peak memory of real training is MEASURED
-and compared with ``firmware_profiles.planner.plan(config, generic-cpu, workload)``.
+checkpointing on/off; fused or eager attention), and for one tiny model of every other family
+of ``firmware_profiles/families.py`` (Mistral, Qwen3, Gemma, Gemma-2, Gemma-3, Phi-3,
+GPT-NeoX, OPT, Falcon, each in its own layout) at a few (quant, sequence length) points, the
+peak memory of real training is MEASURED and compared with
+``firmware_profiles.planner.plan(config, generic-cpu, workload)``.
 
 Measurement: every configuration runs in a FRESH Python subprocess (``--jobs`` of them at a
 time), which
@@ -34,7 +37,8 @@ therefore pin ``MALLOC_MMAP_THRESHOLD_=131072`` (glibc's own initial value, made
 setting the planner's CPU notes recommend; ``--malloc default`` measures glibc's default
 behaviour instead, and the full run reports that too, for the record.
 
-Last line: ``BENCH planner {"max_rel_error": .., "median_rel_error": .., "configs": N, ...}``.
+Last line: ``BENCH planner {"max_rel_error": .., "median_rel_error": .., "configs": N,
+"families": F, "max_rel_error_by_family": {model_type: ..}, ...}``.
 """
 
 from __future__ import annotations
@@ -130,6 +134,101 @@ MODELS: dict[str, dict] = {
         "n_head": 8,
         "n_positions": 1024,
     },
+    # one tiny model per family of firmware_profiles/families.py beyond the three above, each
+    # with its family's layout (fused q/k/v, parallel blocks, post-norms, soft-caps, MQA, ...)
+    "mistral-xs": {
+        "arch": "mistral",
+        "vocab_size": 8192,
+        "hidden_size": 128,
+        "intermediate_size": 352,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 1024,
+        "tie_word_embeddings": False,
+    },
+    "qwen3-xs": {
+        "arch": "qwen3",
+        "vocab_size": 12288,
+        "hidden_size": 128,
+        "intermediate_size": 384,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "head_dim": 32,
+        "max_position_embeddings": 1024,
+        "tie_word_embeddings": True,
+    },
+    "gemma-xs": {  # multi-query, like Gemma-2B
+        "arch": "gemma",
+        "vocab_size": 8192,
+        "hidden_size": 128,
+        "intermediate_size": 384,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 1,
+        "head_dim": 32,
+        "max_position_embeddings": 1024,
+    },
+    "gemma2-xs": {  # eager attention, soft-caps (config defaults), four norms per layer
+        "arch": "gemma2",
+        "vocab_size": 8192,
+        "hidden_size": 128,
+        "intermediate_size": 384,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "head_dim": 32,
+        "max_position_embeddings": 1024,
+    },
+    "gemma3-xs": {
+        "arch": "gemma3_text",
+        "vocab_size": 8192,
+        "hidden_size": 128,
+        "intermediate_size": 384,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "head_dim": 32,
+        "max_position_embeddings": 1024,
+    },
+    "phi3-xs": {  # fused qkv_proj and gate_up_proj
+        "arch": "phi3",
+        "vocab_size": 8192,
+        "hidden_size": 128,
+        "intermediate_size": 352,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 4,
+        "max_position_embeddings": 1024,
+        "tie_word_embeddings": False,
+    },
+    "neox-xs": {  # parallel residual, partial rotary
+        "arch": "gpt_neox",
+        "vocab_size": 8192,
+        "hidden_size": 128,
+        "intermediate_size": 512,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "max_position_embeddings": 1024,
+    },
+    "opt-xs": {  # learned positions, ReLU, dropout 0.1
+        "arch": "opt",
+        "vocab_size": 8192,
+        "hidden_size": 128,
+        "ffn_dim": 512,
+        "word_embed_proj_dim": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "max_position_embeddings": 1024,
+    },
+    "falcon-xs": {  # multi-query, one LayerNorm for a parallel block, a materialized mask
+        "arch": "falcon",
+        "vocab_size": 8192,
+        "hidden_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+    },
     # calibration only (held out of both grids): measures the CPU workspace constants
     "cal-llama": {
         "arch": "llama",
@@ -186,6 +285,38 @@ FULL_GRID = QUICK_GRID + [
     cfg("gpt2-s", "int8", batch=2, seq=256),
 ]
 
+# the families beyond llama/qwen2/gpt2: a few (quant, seq) points each; --quick takes the first
+FAMILY_POINTS = [("fp32", 256), ("nf4", 512), ("bf16", 128)]
+FAMILY_MODELS = [
+    "mistral-xs",
+    "qwen3-xs",
+    "gemma-xs",
+    "gemma2-xs",
+    "gemma3-xs",
+    "phi3-xs",
+    "neox-xs",
+    "opt-xs",
+    "falcon-xs",
+]
+# the quick grid varies the point across families so that every quant mode and a long
+# sequence are seen once (the full grid runs every point for every family)
+_QUICK_FAMILY = {
+    "mistral-xs": ("int8", 256),
+    "qwen3-xs": ("fp32", 256),
+    "gemma-xs": ("bf16", 256),
+    "gemma2-xs": ("fp32", 512),
+    "gemma3-xs": ("nf4", 256),
+    "phi3-xs": ("fp32", 256),
+    "neox-xs": ("nf4", 256),
+    "opt-xs": ("fp32", 256),
+    "falcon-xs": ("bf16", 256),
+}
+QUICK_GRID += [cfg(m, q, batch=2, seq=t) for m, (q, t) in _QUICK_FAMILY.items()]
+for _m in FAMILY_MODELS:
+    for _q, _t in dict.fromkeys([_QUICK_FAMILY[_m], *FAMILY_POINTS]):
+        FULL_GRID.append(cfg(_m, _q, batch=2, seq=_t))
+FULL_GRID.append(cfg("gemma2-xs", "bf16", batch=1, seq=1024))  # eager scores dominate
+
 CALIBRATION = [
     cfg("cal-llama", "fp32", batch=2, seq=96),
     cfg("cal-llama", "fp32", batch=2, seq=96),
@@ -203,17 +334,19 @@ def _models_key() -> str:
     return hashlib.sha256(blob).hexdigest()[:12]
 
 
+#: byte-level BPE for the GPT-style families, the SentencePiece-like one for the others
+BYTELEVEL = ("gpt2", "gpt_neox", "opt", "falcon")
+
+
+def family_of(model: str) -> str:
+    """The ``model_type`` (the family) of a model of :data:`MODELS`."""
+    return MODELS[model]["arch"]
+
+
 def build_models(root: Path) -> None:
     """Write every model of MODELS under ``root`` (bf16 safetensors + a tiny tokenizer)."""
     import torch
-    from transformers import (
-        GPT2Config,
-        GPT2LMHeadModel,
-        LlamaConfig,
-        LlamaForCausalLM,
-        Qwen2Config,
-        Qwen2ForCausalLM,
-    )
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     from tests.tiny_models import make_tiny_gpt2, make_tiny_llama
 
@@ -221,24 +354,20 @@ def build_models(root: Path) -> None:
         "metaspace": make_tiny_llama(root / "_tok-llama"),
         "bytelevel": make_tiny_gpt2(root / "_tok-gpt2"),
     }
-    classes = {
-        "llama": (LlamaConfig, LlamaForCausalLM, "metaspace"),
-        "qwen2": (Qwen2Config, Qwen2ForCausalLM, "metaspace"),
-        "gpt2": (GPT2Config, GPT2LMHeadModel, "bytelevel"),
-    }
     for name, spec in MODELS.items():
         out = root / name
         if (out / "config.json").exists():
             continue
         kw = dict(spec)
-        conf_cls, model_cls, style = classes[kw.pop("arch")]
-        tok_dir = toks[style]
+        arch = kw.pop("arch")
+        tok_dir = toks["bytelevel" if arch in BYTELEVEL else "metaspace"]
         tok_cfg = json.loads((tok_dir / "config.json").read_text())
         for k in ("bos_token_id", "eos_token_id", "pad_token_id"):
             kw[k] = tok_cfg.get(k)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
-            model = model_cls(conf_cls(**kw)).to(torch.bfloat16)
+            model = AutoModelForCausalLM.from_config(AutoConfig.for_model(arch, **kw))
+            model = model.to(torch.bfloat16)
         tmp = root / f".{name}.tmp"
         model.save_pretrained(str(tmp))
         for f in tok_dir.iterdir():
@@ -260,16 +389,18 @@ def _status() -> dict[str, int]:
     return out
 
 
-def _imports() -> None:
-    """Everything a device process has imported before it loads a model."""
+def _imports(arch: str) -> None:
+    """Everything a device process has imported before it loads a model of ``arch``."""
+    import importlib
+
     import bitsandbytes  # noqa: F401  (part of the baseline, as in a device process)
     import peft  # noqa: F401
     import torch  # noqa: F401
     import transformers  # noqa: F401
     from transformers import AutoTokenizer  # noqa: F401
-    from transformers.models.gpt2 import modeling_gpt2  # noqa: F401
-    from transformers.models.llama import modeling_llama  # noqa: F401
-    from transformers.models.qwen2 import modeling_qwen2  # noqa: F401
+
+    package = "gemma3" if arch == "gemma3_text" else arch
+    importlib.import_module(f"transformers.models.{package}.modeling_{package}")
 
     import algorithms.core.modeling  # noqa: F401
     import algorithms.core.textdata  # noqa: F401
@@ -418,8 +549,9 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     if args.worker:
-        _imports()
-        print("RESULT " + json.dumps(measure(json.loads(args.worker))), flush=True)
+        spec = json.loads(args.worker)
+        _imports(MODELS[spec["model"]]["arch"])
+        print("RESULT " + json.dumps(measure(spec)), flush=True)
         return 0
     if args.build:
         build_models(Path(args.build))
@@ -453,6 +585,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{'weights':>7} {'activ':>7} {'logits':>7} {'other':>6} {'phase':<9} {'train s':>7}"
         )
         rows, errors = [], []
+        by_family: dict[str, float] = {}
         for spec, m in zip(grid, measured, strict=True):
             p = predict(spec, model_root / spec["model"])
             bd = p.breakdown
@@ -460,6 +593,8 @@ def main(argv: list[str] | None = None) -> int:
             meas = m["measured"]
             err = abs(pred - meas) / meas
             errors.append(err)
+            fam = family_of(spec["model"])
+            by_family[fam] = max(by_family.get(fam, 0.0), err)
             other = pred - bd["weights"] - bd["activations"] - bd["logits"]
             print(
                 f"{label(spec):<38} {meas / MIB:8.1f} {pred / MIB:8.1f} {err:7.1%}  "
@@ -473,6 +608,8 @@ def main(argv: list[str] | None = None) -> int:
             "max_rel_error": round(max(errors), 4),
             "median_rel_error": round(statistics.median(errors), 4),
             "configs": len(errors),
+            "families": len(by_family),
+            "max_rel_error_by_family": {k: round(v, 4) for k, v in sorted(by_family.items())},
             "malloc": args.malloc,
             "import_rss_mib": round(statistics.median(baselines) / MIB, 1),
         }

@@ -8,8 +8,9 @@ for a device, in the names of ``TrainConfig`` / ``LoraSpec``.
 
 Only the model's ``config.json`` is read (no weights, no torch), so both work on any machine.
 Errors are the planner's typed ones: :class:`~firmware_profiles.UnknownProfileError`,
-:class:`~firmware_profiles.ModelConfigError`, :class:`~firmware_profiles.WorkloadError` (all
-:class:`~firmware_profiles.ProfileError`), and :class:`~firmware_profiles.DoesNotFit` from
+:class:`~firmware_profiles.ModelConfigError` (:class:`~firmware_profiles.UnsupportedModelError`
+for a family no path takes: mixture-of-experts models), :class:`~firmware_profiles.WorkloadError`
+(all :class:`~firmware_profiles.ProfileError`), and :class:`~firmware_profiles.DoesNotFit` from
 :func:`choose_defaults` when nothing fits.
 """
 
@@ -27,8 +28,10 @@ from firmware_profiles import (
     Plan,
     Workload,
     WorkloadError,
+    check_supported,
     fmt_bytes,
     get_profile,
+    load_model_config,
     plan,
     recommend,
     targets_for_model_type,
@@ -168,7 +171,9 @@ def check_task_fits(
     if not 0 <= safety_margin < 1:
         raise WorkloadError(f"safety_margin must be in [0, 1), got {safety_margin!r}")
     prof = _profile(profile_id)
-    shape = ModelShape.from_config(model_path)
+    config = load_model_config(model_path)
+    check_supported(config)
+    shape = ModelShape.from_config(config)
     q, note = effective_quant(prof, quant)
     w = workload_for_task(lora, train, q, gradient_checkpointing, model_type=shape.model_type)
     p = plan(shape, prof, w, app_reserve_bytes=app_reserve_bytes)
@@ -203,7 +208,9 @@ def choose_defaults(
     ``quant``, ``batch_size``, ``block_size``, ``gradient_checkpointing``, ``lora_rank``, plus
     ``planned_bytes`` and ``budget_bytes``. Raises ``DoesNotFit`` when nothing fits."""
     prof = _profile(profile_id)
-    best = recommend(model_path, prof, app_reserve_bytes=app_reserve_bytes)
+    config = load_model_config(model_path)
+    check_supported(config)
+    best = recommend(config, prof, app_reserve_bytes=app_reserve_bytes)
     w = best.workload
     return {
         "quant": w.quant,

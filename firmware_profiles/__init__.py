@@ -12,8 +12,15 @@ Standard library only, so it runs anywhere::
 
 from __future__ import annotations
 
-from .errors import DoesNotFit, ModelConfigError, ProfileError, UnknownProfileError, WorkloadError
-from .families import FAMILIES, Family, family_of
+from .errors import (
+    DoesNotFit,
+    ModelConfigError,
+    ProfileError,
+    UnknownProfileError,
+    UnsupportedModelError,
+    WorkloadError,
+)
+from .families import FAMILIES, Family, check_supported, family_of, unsupported_reason
 from .planner import (
     DEFAULT_APP_RESERVE_BYTES,
     ModelShape,
@@ -39,8 +46,10 @@ __all__ = [
     "Plan",
     "ProfileError",
     "UnknownProfileError",
+    "UnsupportedModelError",
     "Workload",
     "WorkloadError",
+    "check_supported",
     "family_of",
     "fmt_bytes",
     "get_profile",
@@ -52,4 +61,5 @@ __all__ = [
     "recommend",
     "require_fit",
     "targets_for_model_type",
+    "unsupported_reason",
 ]

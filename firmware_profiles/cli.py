@@ -15,8 +15,10 @@ from collections.abc import Sequence
 from .errors import DoesNotFit, ProfileError
 from .planner import (
     DEFAULT_APP_RESERVE_BYTES,
+    DEFAULT_MARGIN,
     OPTIMIZERS,
     ModelShape,
+    Plan,
     Workload,
     fmt_bytes,
     plan,
@@ -105,8 +107,13 @@ def _plan_parser() -> argparse.ArgumentParser:
         prog="cotune plan",
         description=(
             "Predict peak training memory of a LoRA fine-tuning job on a device. Without "
-            "--rank/--batch/--seq/--full it recommends the best configuration that fits "
-            "(--quant, --checkpointing and --optimizer then restrict the search)."
+            "--rank/--batch/--seq/--full (or with --recommend) it recommends the FASTEST "
+            "configuration that fits with a margin: the planner's estimated tokens/s among "
+            "the configurations whose peak is at most (1 - margin) of the available memory; "
+            "within 5% of the fastest, higher LoRA rank, higher precision, more tokens per "
+            "step, less memory win. --quant, --checkpointing and --optimizer restrict the "
+            "search; --rank/--batch/--seq bound it (never above what was asked; the sequence "
+            "length is kept unless nothing at that length fits)."
         ),
     )
     p.add_argument("--device", required=True, help="profile id, e.g. orin-nano-8gb")
@@ -141,8 +148,47 @@ def _plan_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--os-reserved", type=float, default=None, help="override the profile's OS reserve (MiB)"
     )
+    p.add_argument(
+        "--margin",
+        type=float,
+        default=DEFAULT_MARGIN,
+        help="a recommendation's peak must stay within (1 - MARGIN) of the available memory "
+        "(default %(default).2f)",
+    )
+    p.add_argument(
+        "--recommend",
+        action="store_true",
+        help="search even when --rank/--batch/--seq are given (they bound the search)",
+    )
     p.add_argument("--json", action="store_true", help="machine-readable output")
     return p
+
+
+def _policy_text(p: Plan) -> str:
+    """How a recommendation was chosen, with its numbers (margin, budget, speed, runner-up)."""
+    r = p.details["recommendation"]
+    lines = [
+        f"policy: {r['policy']}",
+        f"  margin {r['margin']:.0%}: peak {fmt_bytes(p.total_bytes)} <= budget "
+        f"{fmt_bytes(r['budget_bytes'])} ({1 - r['margin']:.0%} of "
+        f"{fmt_bytes(r['available_bytes'])} available); {r['fitting']} of {r['candidates']} "
+        f"configurations fit, {r['equally_fast']} within {r['speed_tolerance']:.0%} of the "
+        "fastest",
+        f"  estimated {p.tokens_per_s:,.0f} tokens/s (fastest fitting: "
+        f"{r['fastest_tokens_per_s']:,.0f})",
+    ]
+    if r["requested"]:
+        lines.append(
+            "  bounded by the request: "
+            + ", ".join(f"{k} <= {v}" for k, v in r["requested"].items())
+        )
+    if r["runner_up"]:
+        ru = r["runner_up"]
+        lines.append(
+            f"  runner-up: {ru['workload']} ({ru['tokens_per_s']:,.0f} tokens/s, "
+            f"{fmt_bytes(ru['total_bytes'])})"
+        )
+    return "\n".join(lines)
 
 
 def _emit(ns: argparse.Namespace, payload: dict, text: str) -> None:
@@ -164,8 +210,15 @@ def plan_cli(argv: Sequence[str]) -> int:
         if reserve < 0:
             raise ProfileError("--app-reserve must be >= 0")
         targets = tuple(t for t in ns.targets.split(",") if t) if ns.targets else None
-        explicit = ns.infer or ns.full or any(v is not None for v in (ns.rank, ns.batch, ns.seq))
-        if explicit:
+        if not 0 <= ns.margin < 1:
+            raise ProfileError("--margin must be in [0, 1)")
+        # what the user asked for bounds a search; it is never a target to maximize
+        requested = {
+            k: v
+            for k, v in (("lora_rank", ns.rank), ("batch_size", ns.batch), ("seq_len", ns.seq))
+            if v is not None
+        }
+        if ns.infer or ns.full or (requested and not ns.recommend):
             w = Workload(
                 quant=ns.quant or prof.default_quant(),
                 lora_rank=None if ns.full else (ns.rank if ns.rank is not None else 8),
@@ -187,15 +240,23 @@ def plan_cli(argv: Sequence[str]) -> int:
                 if targets:
                     fixed["lora_targets"] = targets
                 try:
-                    suggestion = recommend(shape, prof, fixed, app_reserve_bytes=reserve)
+                    suggestion = recommend(
+                        shape,
+                        prof,
+                        fixed,
+                        app_reserve_bytes=reserve,
+                        margin=ns.margin,
+                        requested=requested,
+                    )
                 except DoesNotFit:
                     suggestion = None
             text = p.explain()
             text += (
-                f"\nwhat would fit: {suggestion.workload.describe()} "
-                f"({fmt_bytes(suggestion.total_bytes)})"
+                f"\nwhat would fit: {suggestion.workload.describe()}\n"
+                + _policy_text(suggestion)
                 if suggestion is not None
                 else "\nnothing in the default search space fits this device"
+                + (" within what was asked" if requested else "")
             )
             _emit(
                 ns,
@@ -223,7 +284,14 @@ def plan_cli(argv: Sequence[str]) -> int:
         if targets:
             cands["lora_targets"] = targets
         try:
-            best = recommend(shape, prof, cands, app_reserve_bytes=reserve)
+            best = recommend(
+                shape,
+                prof,
+                cands,
+                app_reserve_bytes=reserve,
+                margin=ns.margin,
+                requested=requested,
+            )
         except DoesNotFit as exc:
             _emit(
                 ns,
@@ -235,7 +303,7 @@ def plan_cli(argv: Sequence[str]) -> int:
         _emit(
             ns,
             {"mode": "recommend", **best.to_dict()},
-            f"recommended: {best.workload.describe()}\n{best.explain()}",
+            f"recommended: {best.workload.describe()}\n{_policy_text(best)}\n{best.explain()}",
         )
         return 0
     except ProfileError as exc:

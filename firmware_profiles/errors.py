@@ -11,7 +11,14 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:  # pragma: no cover
     from .planner import Plan
 
-__all__ = ["DoesNotFit", "ModelConfigError", "ProfileError", "UnknownProfileError", "WorkloadError"]
+__all__ = [
+    "DoesNotFit",
+    "ModelConfigError",
+    "ProfileError",
+    "UnknownProfileError",
+    "UnsupportedModelError",
+    "WorkloadError",
+]
 
 
 class ProfileError(Exception):
@@ -38,6 +45,15 @@ class UnknownProfileError(ProfileError, KeyError):
 
 class ModelConfigError(ProfileError, ValueError):
     """A model ``config.json`` is unreadable or lacks the fields the planner needs."""
+
+
+class UnsupportedModelError(ModelConfigError):
+    """A model family no path of cotune takes (mixture-of-experts models): the message names
+    the family and what is unsupported; ``model_type`` is the config's."""
+
+    def __init__(self, message: str, model_type: str = "") -> None:
+        super().__init__(message)
+        self.model_type = model_type
 
 
 class WorkloadError(ProfileError, ValueError):

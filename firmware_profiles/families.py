@@ -4,20 +4,30 @@ targets, the config field names, the memory model's style and the attention patt
 windows per layer, soft-caps). The planner, the loader (``algorithms.core.modeling``), the fit
 check and the ONNX export all read this table, so they cannot disagree on what a LoRA adapter
 of a family is or on which layers attend through a window. Standard library only.
+
+Mixture-of-experts models (Qwen2-MoE, Mixtral, ...) are refused by every path:
+:func:`unsupported_reason` names the family and what is missing, and the planner, the fit
+check, the loader and the ONNX export raise their typed errors with it (see the function).
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Any
+
+from .errors import UnsupportedModelError
 
 __all__ = [
     "FAMILIES",
     "LM_HEAD",
+    "MOE_MODEL_TYPES",
     "Family",
     "Linear",
+    "check_supported",
     "family_of",
     "layer_linears",
+    "unsupported_reason",
 ]
 
 #: the output layer's name as a LoRA target (every family here: transformers' lm_head)
@@ -263,8 +273,71 @@ def family_of(model_type: str | None) -> Family | None:
 
 
 def fallback_family(model_type: str) -> Family:
-    """A llama-style description for an unknown ``model_type`` (the planner's guess)."""
+    """A llama-style description for an unknown ``model_type`` (the planner's guess). A
+    mixture-of-experts type is not guessed: :class:`UnsupportedModelError`."""
+    check_supported({"model_type": model_type})
     return Family(**{**_FALLBACK.__dict__, "model_type": model_type})
+
+
+#: mixture-of-experts model types whose name does not say so (any type containing "moe" is one)
+MOE_MODEL_TYPES = frozenset(
+    {
+        "dbrx",
+        "deepseek_v2",
+        "deepseek_v3",
+        "gpt_oss",
+        "jamba",
+        "llama4",
+        "llama4_text",
+        "minimax",
+        "mixtral",
+        "switch_transformers",
+    }
+)
+#: config fields holding a number of experts (more than one: a mixture-of-experts model)
+_EXPERT_KEYS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
+
+_MOE_WHY = (
+    "mixture-of-experts models are not supported: the memory planner does not count expert "
+    "weights, bitsandbytes leaves the fused expert tensors unquantized, and the ONNX export "
+    "does not reproduce expert routing; use a dense model of the family"
+)
+
+
+def _field(config: Any, key: str) -> Any:
+    if isinstance(config, Mapping):
+        return config.get(key)
+    return getattr(config, key, None)
+
+
+def unsupported_reason(config: Any) -> str | None:
+    """Why no path of cotune takes a model with this config (a ``config.json`` mapping or a
+    transformers config), or None. Mixture-of-experts models are refused: by model type
+    (:data:`MOE_MODEL_TYPES`, or a type naming "moe") or by a config field counting more than
+    one expert (families this table does not list are caught too). A multimodal wrapper is
+    judged by its ``text_config``."""
+    text = _field(config, "text_config")
+    if text is not None and not isinstance(text, (str, bytes)):
+        inner = unsupported_reason(text)
+        if inner is not None:
+            return inner
+    mt = str(_field(config, "model_type") or "")
+    experts = [
+        f"{k}={v}"
+        for k in _EXPERT_KEYS
+        if isinstance(v := _field(config, k), int) and not isinstance(v, bool) and v > 1
+    ]
+    if mt in MOE_MODEL_TYPES or "moe" in mt or experts:
+        shown = f" ({', '.join(experts)})" if experts else ""
+        return f"{mt or 'this model'}{shown}: {_MOE_WHY}"
+    return None
+
+
+def check_supported(config: Any) -> None:
+    """Raise :class:`UnsupportedModelError` when :func:`unsupported_reason` refuses ``config``."""
+    why = unsupported_reason(config)
+    if why is not None:
+        raise UnsupportedModelError(why, model_type=str(_field(config, "model_type") or ""))
 
 
 def layer_linears(

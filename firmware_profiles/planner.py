@@ -2,9 +2,10 @@
 
 :func:`plan` predicts the peak memory of training (or of inference) from a model's
 ``config.json``, a :class:`~firmware_profiles.profiles.DeviceProfile` and a :class:`Workload`,
-with a breakdown by term; :func:`recommend` searches quantization, LoRA rank, batch, sequence
-length and checkpointing for the best configuration that fits. Standard library only: the
-planner never imports torch, so it runs on any machine.
+with a breakdown by term, and estimates the training speed; :func:`recommend` searches
+quantization, LoRA rank, batch, sequence length and checkpointing for the FASTEST
+configuration that fits with a margin (not the largest). Standard library only: the planner
+never imports torch, so it runs on any machine.
 
 How the numbers are derived (first principles, per token unless said otherwise; ``c`` = bytes
 of the compute dtype, ``h`` hidden, ``i`` intermediate, ``kv`` = kv_heads * head_dim, ``nh``
@@ -22,28 +23,39 @@ LoRA / gradients / optimizer
     dtype (8 bytes per fp32 parameter), bitsandbytes' 8-bit AdamW 2 bytes + blockwise scales
     (fp32 states for tensors under 4096 values), SGD none (with momentum one).
 activations
-    the tensors autograd saves for backward, derived per decoder layer from the forward code
-    of transformers' Llama/Qwen2/Mistral decoder layer and GPT-2 block (and peft's LoRA
-    layer): a frozen Linear saves nothing; a LoRA layer saves its input (a separate fp32 copy
-    per adapter when the compute dtype is bf16/fp16, because peft casts the input to the
-    adapter's dtype) and its rank-r intermediate; an int8 base layer saves its input; RMSNorm
-    saves an fp32 copy of its input plus rsqrt (LayerNorm: input, mean, rstd); SwiGLU saves
-    gate, silu(gate) and up (+ their product for a LoRA down_proj); GPT-2's tanh-GELU is
-    written in Python and saves 4 tensors of size ``i``; CPU dropout saves its noise in the
-    compute dtype (CUDA: a bool mask). Attention: fused SDPA (flash / memory-efficient, and
-    PyTorch's CPU flash kernel) saves q, k, v, the output and a fp32 logsumexp; eager attention
-    saves the softmax ``nh*T`` per token (fp32 + a compute-dtype copy for Llama, compute dtype
-    for GPT-2; + dropout), and contiguous copies of q and the repeated k/v; SDPA's math fallback
-    (used on CPU when attention dropout is on) saves the same in fp32 whatever the dtype. The first layer's input does not require grad (embeddings are
-    frozen) and the final norm saves its input. With activation checkpointing (non-reentrant)
-    only each layer's input is kept, and one layer is recomputed at a time during backward;
-    bitsandbytes' int8 matmul keeps its input as a ``ctx`` attribute, which checkpointing
-    cannot drop, so int8 layers' inputs stay alive anyway.
+    the tensors autograd saves for backward, derived per decoder layer from the forward code of
+    each family's transformers decoder layer (and peft's LoRA layer), with the family's layout
+    from :mod:`firmware_profiles.families` (and checked there against what autograd saves, every
+    family, fp32 and bf16): a frozen Linear saves nothing; a LoRA layer saves its input (a
+    separate fp32 copy per adapter when the compute dtype is bf16/fp16, because peft casts the
+    input to the adapter's dtype) and its rank-r intermediate; an int8 base layer saves its
+    input; RMSNorm saves an fp32 copy of its input plus rsqrt (LayerNorm: input, mean, rstd);
+    SwiGLU saves gate, silu(gate) and up (+ their product for a LoRA down_proj); GPT-2's
+    tanh-GELU is written in Python and saves 4 tensors of size ``i``; CPU dropout saves its
+    noise in the compute dtype (CUDA: a bool mask); ReLU (OPT) saves its output, which is the
+    down projection's input. Attention runs as transformers runs it for the family
+    (:attr:`Family.attn_implementation`: eager for Gemma-2, SDPA otherwise). Fused SDPA (flash /
+    memory-efficient, and PyTorch's CPU flash kernel) saves q, k, v, the output and a fp32
+    logsumexp; where q/k/v are views of one fused projection (Phi-3, GPT-NeoX, Falcon, GPT-2)
+    the saved v keeps that whole output alive; a rotary embedding that concatenates (Phi-3,
+    GPT-NeoX) makes the output projection read a copy; a materialized mask (Falcon always; a
+    sliding window narrower than the sequence) is saved per layer in the compute dtype and makes
+    transformers repeat grouped k/v. Eager attention saves the softmax ``nh*T`` per token (fp32
+    + a compute-dtype copy, GPT-2 in the compute dtype; + dropout; + the tanh of a soft-cap,
+    Gemma-2), and contiguous copies of q and the repeated k/v; SDPA's math fallback (used on CPU
+    when attention dropout is on) saves the same in fp32 whatever the dtype. Norms per layer: 2,
+    4 with post-norms (Gemma-2/3), a parallel block's one or two norms sharing their input
+    (GPT-NeoX, Falcon). The first layer's input does not require grad (embeddings are frozen)
+    and the final norm saves its input. With activation checkpointing (non-reentrant) only each
+    layer's input is kept, and one layer is recomputed at a time during backward; bitsandbytes'
+    int8 matmul keeps its input as a ``ctx`` attribute, which checkpointing cannot drop, so int8
+    layers' inputs stay alive anyway.
 logits
     ``N*V`` logits in the compute dtype stay alive through backward; cross-entropy upcasts to
     fp32 and its backward briefly holds three fp32 ``N*V`` tensors (log-softmax output, the
     incoming gradient and the result): ``(c + 12) * N * V`` bytes, often the largest term for
-    small models with big vocabularies.
+    small models with big vocabularies. A final-logit soft-cap (Gemma-2) keeps its tanh output
+    too: another ``N*V`` in the compute dtype.
 phases
     the peak is the largest of (A) the start of backward: persistent + saved activations +
     logits/loss; (B) the last layer's backward (or a recomputed layer with checkpointing):
@@ -57,6 +69,12 @@ runtime and workspace
     measured once on a held-out tiny model), on CUDA :data:`CUDA_FRAGMENTATION` of the
     transient bytes (caching-allocator rounding and fragmentation; an assumption, not
     measured here).
+
+speed
+    :func:`_estimate_speed`: a roofline sum per training step, FLOPs at the device's matmul
+    rate (from the profile's TOPS) plus memory traffic at its bandwidth (weights read per
+    pass, a quantized weight dequantized per pass, activations and logits written and read);
+    a rough estimate for ranking configurations, not a benchmark.
 
 Assumptions: packed training blocks without padding (so attention gets no mask and GQA runs
 without repeating k/v), peft LoRA with fp32 adapters, batch = micro-batch, the training loop of
@@ -76,10 +94,19 @@ from pathlib import Path
 from typing import Any
 
 from .errors import DoesNotFit, ModelConfigError, WorkloadError
-from .families import FAMILIES, LM_HEAD, Family, Linear, fallback_family, layer_linears
+from .families import (
+    FAMILIES,
+    LM_HEAD,
+    Family,
+    Linear,
+    check_supported,
+    fallback_family,
+    layer_linears,
+)
 from .profiles import GIB, MIB, QUANT_MODES, DeviceProfile, get_profile
 
 __all__ = [
+    "BANDWIDTH_EFFICIENCY",
     "CPU_BLAS_POOL_FACTOR",
     "CPU_IMPORT_RSS_BYTES",
     "CPU_WORKSPACE_BYTES",
@@ -87,12 +114,16 @@ __all__ = [
     "CUDA_FRAGMENTATION",
     "DEFAULT_APP_RESERVE_BYTES",
     "DEFAULT_LORA_TARGETS",
+    "DEFAULT_MARGIN",
+    "DEFAULT_SPEED_TOLERANCE",
     "LM_HEAD",
+    "MATMUL_EFFICIENCY",
     "OPTIMIZERS",
     "Linear",
     "ModelShape",
     "Plan",
     "Workload",
+    "device_rates",
     "fmt_bytes",
     "load_model_config",
     "plan",
@@ -133,6 +164,23 @@ CPU_BLAS_POOL_FACTOR = 1.0
 CUDA_FRAGMENTATION = 0.10
 #: Default memory kept back for the rest of the application (transport, data, other threads).
 DEFAULT_APP_RESERVE_BYTES = 256 * MIB
+#: recommend(): a configuration counts as fitting when its planned peak is at most
+#: ``(1 - margin)`` of the available memory (room for the planner's own error).
+DEFAULT_MARGIN = 0.10
+#: recommend(): configurations within this fraction of the best estimated tokens/s count as
+#: equally fast (the time model is an estimate) and are ordered by the tie-break.
+DEFAULT_SPEED_TOLERANCE = 0.05
+#: The time model (:func:`_estimate_speed`): the share of the peak matmul rate and of the
+#: memory bandwidth a training step reaches. Assumptions, not measured: they set the printed
+#: tokens/s; the ranking of configurations depends only on their ratio.
+MATMUL_EFFICIENCY = 0.5
+BANDWIDTH_EFFICIENCY = 0.7
+#: Rates for profiles that give no figure (generic CUDA GPUs: an RTX 30-class card; the CPU
+#: profile: a few cores with AVX2/AVX-512). Assumptions.
+ASSUMED_GPU_HALF_FLOPS = 60e12
+ASSUMED_GPU_BANDWIDTH = 500e9
+ASSUMED_CPU_FLOPS = 0.5e12
+ASSUMED_CPU_BANDWIDTH = 20e9
 
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 OPTIMIZERS = ("adamw", "adamw8bit", "sgd", "sgd_momentum")
@@ -200,6 +248,51 @@ def _int(cfg: Mapping[str, Any], *keys: str, default: int | None = None) -> int:
     return v
 
 
+def _partial_rotary(cfg: Mapping[str, Any]) -> float:
+    """The fraction of each head that gets rotary positions (GPT-NeoX: 0.25 by default)."""
+    rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
+    for v in (
+        cfg.get("partial_rotary_factor"),
+        cfg.get("rotary_pct"),
+        rope.get("partial_rotary_factor") if isinstance(rope, Mapping) else None,
+    ):
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v <= 1:
+            return float(v)
+    return 0.25 if cfg.get("model_type") == "gpt_neox" else 1.0
+
+
+def _softcaps(cfg: Mapping[str, Any], fam: Family) -> dict[str, float | None]:
+    """Attention and final-logit soft-caps: the config's fields, else the config class's
+    defaults (a config that omits Gemma-2's fields still gets 50 and 30; null switches off)."""
+    out: dict[str, float | None] = {}
+    for name, key, default in zip(
+        ("attn_softcap", "final_softcap"),
+        (fam.attn_softcap_key, fam.final_softcap_key),
+        fam.softcap_defaults,
+        strict=True,
+    ):
+        v = cfg.get(key, default) if key else None
+        out[name] = float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None
+    return out
+
+
+def _window(cfg: Mapping[str, Any], fam: Family, layers: int) -> dict[str, Any]:
+    """``sliding_window`` (the width, None for plain causal attention) and ``sliding_layers``
+    (how many layers attend through it: all, or those ``layer_types`` names sliding; all when
+    a per-layer family's config omits ``layer_types``, which over- rather than under-states)."""
+    none = {"sliding_window": None, "sliding_layers": 0}
+    if not fam.window_key or cfg.get("use_sliding_window") is False:
+        return none
+    v = cfg.get(fam.window_key)
+    if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+        return none
+    n = layers
+    types = cfg.get("layer_types")
+    if fam.window_layers == "layer_types" and isinstance(types, list):
+        n = sum(1 for t in types[:layers] if t == "sliding_attention")
+    return {"sliding_window": v, "sliding_layers": n} if n else none
+
+
 def load_model_config(source: str | Path | Mapping[str, Any]) -> dict[str, Any]:
     """A model config as a dict: a mapping, a ``config.json`` path, a model directory, or a
     JSON string."""
@@ -230,7 +323,9 @@ class ModelShape:
     ``family`` is the memory model's style: ``"llama"`` (Llama, Qwen2/3, Mistral, Gemma,
     Phi-3: RMSNorm, RoPE, gated MLP, grouped-query attention) or ``"gpt2"`` (GPT-2, GPT-NeoX,
     OPT, Falcon: LayerNorm, ungated MLP). The layer's linear layers (names, fused projections,
-    default LoRA targets) come from :attr:`description`, the family table's entry.
+    default LoRA targets) and how transformers runs it (attention implementation, norms,
+    parallel blocks) come from :attr:`description`, the family table's entry; the config's
+    own switches (soft-caps, parallel residual, partial rotary, sliding window) are read here.
     """
 
     family: str
@@ -253,6 +348,13 @@ class ModelShape:
     resid_dropout: float = 0.0
     embd_dropout: float = 0.0
     lm_head_in: int | None = None  # the LM head's input width when it is not hidden_size
+    post_norms: bool = False  # a norm on each sublayer's output too (4 per layer)
+    parallel_norms: int = 0  # attention and MLP read one input: through 1 shared norm or 2 norms
+    rotary_dim: int = 0  # rotary width per head (0: learned / no rotary positions)
+    attn_softcap: float | None = None
+    final_softcap: float | None = None
+    sliding_window: int | None = None
+    sliding_layers: int = 0  # layers attending through the window
     name: str = ""
     notes: tuple[str, ...] = ()
 
@@ -264,6 +366,7 @@ class ModelShape:
     @classmethod
     def from_config(cls, source: str | Path | Mapping[str, Any]) -> ModelShape:
         cfg = load_model_config(source)
+        check_supported(cfg)  # mixture-of-experts and the like: refused by name, not mis-planned
         mt = str(cfg.get("model_type", "") or "")
         # some configs nest the text model (e.g. multimodal wrappers)
         if "text_config" in cfg and "hidden_size" not in cfg and "n_embd" not in cfg:
@@ -322,6 +425,7 @@ class ModelShape:
             head_dim = h // heads
         attention_bias = bool(cfg.get("attention_bias", False))
         qkv_bias = True if mt == "qwen2" else attention_bias
+        fam = FAMILIES.get(mt) or fallback_family(mt or "llama")
         return cls(
             family="llama",
             model_type=mt or "llama",
@@ -339,9 +443,14 @@ class ModelShape:
             qkv_bias=qkv_bias,
             o_bias=attention_bias,
             mlp_bias=bool(cfg.get("mlp_bias", False)),
-            qk_norm=mt == "qwen3",
+            qk_norm=fam.qk_norm,
             activation=str(cfg.get("hidden_act", cfg.get("hidden_activation", "silu"))),
             attn_dropout=float(cfg.get("attention_dropout", 0.0) or 0.0),
+            resid_dropout=float(cfg.get("resid_pdrop", 0.0) or 0.0),
+            post_norms=fam.post_norms,
+            rotary_dim=int(int(head_dim) * _partial_rotary(cfg)),
+            **_softcaps(cfg, fam),
+            **_window(cfg, fam, _int(cfg, "num_hidden_layers")),
             name=name,
             notes=tuple(notes),
         )
@@ -365,6 +474,18 @@ class ModelShape:
         inter = fam.intermediate_size(dict(cfg), h)
         if inter is None:
             raise ModelConfigError(f"model config lacks {' / '.join(fam.intermediate_keys)}")
+        parallel = 0
+        if fam.parallel_key and cfg.get(fam.parallel_key, True):
+            # GPT-NeoX: two norms read the layer input; Falcon: one (two in the new architecture)
+            parallel = 2
+            if mt == "falcon":
+                parallel = int(
+                    cfg.get("num_ln_in_parallel_attn")
+                    or (2 if cfg.get("new_decoder_architecture") else 1)
+                )
+        rotary = 0
+        if mt == "gpt_neox" or (mt == "falcon" and not cfg.get("alibi")):
+            rotary = int((h // heads) * _partial_rotary(cfg))
         if mt == "opt":
             bias = bool(cfg.get("enable_bias", True))
             qkv_bias = o_bias = mlp_bias = bias
@@ -401,6 +522,8 @@ class ModelShape:
             attn_dropout=float(attn or 0.0),
             resid_dropout=float(resid or 0.0),
             lm_head_in=lm_in,
+            parallel_norms=parallel,
+            rotary_dim=rotary,
             name=name,
         )
 
@@ -448,10 +571,17 @@ class ModelShape:
         return 0 if self.tie_word_embeddings else self.vocab_size * self.lm_head_width
 
     @property
+    def norms_per_layer(self) -> int:
+        """Decoder-layer norms: 2, 4 with post-norms (Gemma-2/3), 1 or 2 in a parallel block."""
+        if self.post_norms:
+            return 4
+        return self.parallel_norms or 2
+
+    @property
     def norm_params(self) -> int:
         per = self.hidden_size * (2 if self.family == "gpt2" else 1)  # LayerNorm has a bias
         extra = 2 * self.head_dim * self.num_layers if self.qk_norm else 0
-        return per * (2 * self.num_layers + 1) + extra
+        return per * (self.norms_per_layer * self.num_layers + 1) + extra
 
     @property
     def linear_params(self) -> int:
@@ -491,8 +621,9 @@ class Workload:
 
     ``mode``: ``"train"`` or ``"infer"`` (then ``seq_len`` is the whole context, prompt plus
     generated tokens, kept in the KV cache). ``compute_dtype`` defaults to what
-    ``load_causal_lm`` picks on the device. ``attention``: ``auto`` (fused SDPA, except the
-    math fallback on CPU when the model has attention dropout), ``sdpa`` or ``eager``.
+    ``load_causal_lm`` picks on the device. ``attention``: ``auto`` (what transformers picks for
+    the family: fused SDPA, except the math fallback on CPU when the model has attention
+    dropout; eager for Gemma-2), ``sdpa`` (a family without SDPA still runs eager) or ``eager``.
     """
 
     quant: str = "nf4"
@@ -603,6 +734,12 @@ class Plan:
         return self.total_bytes <= self.available_bytes
 
     @property
+    def tokens_per_s(self) -> float | None:
+        """The time model's estimate of training tokens per second (None for inference)."""
+        speed = self.details.get("speed")
+        return speed["tokens_per_s"] if speed else None
+
+    @property
     def headroom_bytes(self) -> int:
         """``available - total`` (negative when it does not fit)."""
         return self.available_bytes - self.total_bytes
@@ -651,6 +788,13 @@ class Plan:
             f"{fmt_bytes(-self.headroom_bytes)}"
         )
         lines.append(verdict)
+        speed = self.details.get("speed")
+        if speed:
+            lines.append(
+                f"estimated speed: {speed['tokens_per_s']:,.0f} tokens/s ({speed['bound']}-bound "
+                f"step of {speed['step_seconds'] * 1e3:,.1f} ms; {speed['rates']}; a rough "
+                "estimate for comparing configurations)"
+            )
         lines += [f"note: {n}" for n in self.notes]
         return "\n".join(lines)
 
@@ -680,8 +824,9 @@ class _Ctx:
     targets: frozenset[str]
     full_ft: bool
     int8: bool
-    fused_attention: bool
-    math_attention: bool  # SDPA's math fallback: computes in fp32 even for bf16/fp16 inputs
+    # "fused" (SDPA's flash / memory-efficient kernels), "eager" (the model's own code) or
+    # "math" (SDPA's math fallback: computes in fp32 even for bf16/fp16 inputs)
+    attention: str
     mask_b: int  # bytes per element of a saved dropout mask/noise
     on_cuda: bool
 
@@ -710,78 +855,102 @@ def _lora_intermediate(ctx: _Ctx, names: Iterable[str]) -> int:
     return sum(r * ctx.lora_b for n in names if n in ctx.targets)
 
 
-def _layer_saved(ctx: _Ctx, T: int) -> dict[str, int]:
-    """Bytes per token that one decoder layer (whose input requires grad) saves for backward."""
+def _norm_bytes(ctx: _Ctx) -> tuple[int, int]:
+    """``(input, statistics)`` bytes per token one norm saves: RMSNorm (written in Python) an
+    fp32 copy of its input and the fp32 rsqrt; LayerNorm its input and mean/rstd (fp32 on CUDA,
+    the compute dtype on CPU)."""
+    s, c = ctx.shape, ctx.c
+    if s.family == "llama":
+        return s.hidden_size * 4, 4
+    return s.hidden_size * c, 2 * (4 if ctx.on_cuda else c)
+
+
+def _attention_saved(ctx: _Ctx, T: int, windowed: bool) -> dict[str, int]:
+    """Bytes per token one layer's attention (between the q/k/v projections and the output
+    projection's input) saves for backward. ``windowed``: the layer attends through a sliding
+    window narrower than ``T`` (so transformers materializes its mask)."""
     s, c = ctx.shape, ctx.c
     fam = s.description
-    h, i, nh = s.hidden_size, s.intermediate_size, s.num_heads
-    q_w, kv_w = s.num_heads * s.head_dim, s.num_kv_heads * s.head_dim
+    nh, kvh = s.num_heads, s.num_kv_heads
+    q_w, kv_w = nh * s.head_dim, kvh * s.head_dim
+    out: dict[str, int] = {}
+    if s.qk_norm:  # RMSNorm per head on q and k: fp32 inputs + rsqrt
+        out["qk_norm"] = (q_w + kv_w) * 4 + (nh + kvh) * 4
+    o_sh, o_cp = _input_saves(ctx, (fam.attn_out,), q_w)
+    if ctx.attention == "fused":
+        # SDPA saves q, k, v, its output and a fp32 logsumexp. transformers repeats grouped k/v
+        # (a copy; a view for one kv head) when it hands SDPA a mask or head_dim > 256.
+        mask = fam.sdpa_mask or windowed
+        copy_kv = (mask or s.head_dim > 256) and kvh not in (1, nh)
+        k_b = q_w if copy_kv else kv_w
+        if len(fam.attn_in) == 1 and not copy_kv:
+            # q/k/v are views of one fused projection output: v (and q, k without rotary
+            # positions) keep the whole output alive
+            fused = q_w + 2 * kv_w
+            qkv = fused if not s.rotary_dim else q_w + k_b + fused
+        else:
+            qkv = q_w + k_b + (q_w if copy_kv else kv_w)
+        out["attention"] = (qkv + q_w) * c + nh * 4
+        if mask:  # the mask converted to the compute dtype, per layer
+            out["attention_mask"] = T * c
+        # the output projection reads SDPA's output in place, or a contiguous copy of it
+        out["o_input"] = o_cp + (o_sh if fam.attn_out_copy else 0)
+        return out
+    if ctx.attention == "math":  # SDPA's math fallback: everything in fp32
+        out["attention_scores"] = nh * T * 4 + (nh * T * 8 if s.attn_dropout > 0 else 0)
+        out["attention"] = 3 * q_w * 4
+        out["o_input"] = o_sh + o_cp
+        return out
+    # eager: the scores' softmax (fp32 + a cast copy, or GPT-2's in the compute dtype), a
+    # soft-cap's tanh output, dropout; contiguous copies of q and the repeated k and v
+    t2 = nh * T * 4 + (nh * T * c if c != 4 else 0) if fam.eager_softmax_fp32 else nh * T * c
+    if s.attn_softcap is not None:
+        t2 += nh * T * c
+    if s.attn_dropout > 0:
+        t2 += nh * T * (ctx.mask_b + c)
+    out["attention_scores"] = t2
+    out["attention"] = 3 * q_w * c
+    out["o_input"] = o_sh + o_cp
+    return out
+
+
+def _layer_saved(ctx: _Ctx, T: int, windowed: bool = False) -> dict[str, int]:
+    """Bytes per token that one decoder layer (whose input requires grad) saves for backward;
+    ``windowed``: see :func:`_attention_saved`."""
+    s, c = ctx.shape, ctx.c
+    fam = s.description
+    h, i = s.hidden_size, s.intermediate_size
     out: dict[str, int] = {}
     names = [lin.name for lin in s.linears()]
     out["lora_rank_r"] = _lora_intermediate(ctx, names)
-    if s.family == "llama":
-        norm = h * 4 + 4  # RMSNorm: fp32 input (copy when c != fp32) + rsqrt
-        if ctx.full_ft:
-            norm += h * c  # normalized tensor for the norm weight's grad
-        out["norms"] = 2 * norm
-        sh, cp = _input_saves(ctx, fam.attn_in, h)
-        out["qkv_input"] = sh + cp
-        if s.qk_norm:
-            out["qk_norm"] = (q_w + kv_w) * 4 + (nh + s.num_kv_heads) * 4
-        if ctx.fused_attention:
-            out["attention"] = (2 * q_w + 2 * kv_w) * c + nh * 4  # q k v out + logsumexp
-            sh, cp = _input_saves(ctx, (fam.attn_out,), q_w)
-            out["o_input"] = cp  # the shared input is SDPA's saved output
-        elif ctx.math_attention:  # everything in fp32: q k v copies, softmax, dropout
-            t2 = nh * T * 4 + (nh * T * 8 if s.attn_dropout > 0 else 0)
-            out["attention_scores"] = t2
-            out["attention"] = 3 * q_w * 4
-            sh, cp = _input_saves(ctx, (fam.attn_out,), q_w)
-            out["o_input"] = sh + cp
-        else:
-            t2 = nh * T * 4 + (nh * T * c if c != 4 else 0)  # fp32 softmax (+ cast copy)
-            if s.attn_dropout > 0:
-                t2 += nh * T * (ctx.mask_b + c)
-            out["attention_scores"] = t2
-            out["attention"] = 3 * q_w * c  # q copy, repeated k and v copies
-            sh, cp = _input_saves(ctx, (fam.attn_out,), q_w)
-            out["o_input"] = sh + cp
-        sh, cp = _input_saves(ctx, fam.mlp_in, h)
-        out["mlp_input"] = sh + cp
-        act_saved = 1 if s.activation != "gelu_new" else 4
-        out["mlp"] = (act_saved + 2) * i * c  # act input (+ internals), act output, up
-        sh, cp = _input_saves(ctx, (fam.mlp_out,), i)
+    norm_in, norm_stats = _norm_bytes(ctx)
+    norm = norm_in + norm_stats
+    if ctx.full_ft and s.family == "llama":
+        norm += h * c  # normalized tensor for the norm weight's grad
+    if s.parallel_norms and s.family != "llama":
+        # attention and MLP read the same layer input: LayerNorms share their saved input
+        out["norms"] = norm + (s.parallel_norms - 1) * norm_stats
+    else:
+        out["norms"] = s.norms_per_layer * norm
+    sh, cp = _input_saves(ctx, fam.attn_in, h)
+    out["qkv_input"] = sh + cp
+    out.update(_attention_saved(ctx, T, windowed))
+    sh, cp = _input_saves(ctx, fam.mlp_in, h)
+    # one norm feeding both attention and MLP: the MLP input is the q/k/v input
+    out["mlp_input"] = (0 if s.parallel_norms == 1 else sh) + cp
+    sh, cp = _input_saves(ctx, (fam.mlp_out,), i)
+    act = s.activation
+    if fam.gated:  # activation input (+ internals), its output, up (the product is down's input)
+        out["mlp"] = ((4 if act == "gelu_new" else 1) + 2) * i * c
         out["down_input"] = sh + cp
-    else:  # gpt2
-        ln = h * c + 8  # LayerNorm: input + fp32 mean/rstd
-        out["norms"] = 2 * ln
-        sh, cp = _input_saves(ctx, fam.attn_in, h)
-        out["qkv_input"] = sh + cp
-        if ctx.fused_attention:
-            out["attention"] = 4 * h * c + nh * 4
-            sh, cp = _input_saves(ctx, (fam.attn_out,), h)
-            out["o_input"] = cp
-        elif ctx.math_attention:  # everything in fp32: q k v copies, softmax, dropout
-            out["attention_scores"] = nh * T * 4 + (nh * T * 8 if s.attn_dropout > 0 else 0)
-            out["attention"] = 3 * h * 4
-            sh, cp = _input_saves(ctx, (fam.attn_out,), h)
-            out["o_input"] = sh + cp
-        else:
-            t2 = nh * T * c  # GPT-2's eager softmax stays in the compute dtype
-            if s.attn_dropout > 0:
-                t2 += nh * T * (ctx.mask_b + c)
-            out["attention_scores"] = t2
-            out["attention"] = 3 * h * c  # q, k, v contiguous copies
-            sh, cp = _input_saves(ctx, (fam.attn_out,), h)
-            out["o_input"] = sh + cp
-        sh, cp = _input_saves(ctx, fam.mlp_in, h)
-        out["mlp_input"] = sh + cp
-        act_saved = 4 if s.activation == "gelu_new" else 1
-        out["mlp"] = act_saved * i * c
-        sh, cp = _input_saves(ctx, (fam.mlp_out,), i)
+    elif act == "relu":  # saves its output, which is the down projection's input
+        out["mlp"] = i * c
+        out["down_input"] = cp
+    else:  # GPT-2's tanh-GELU is written in Python and saves 4 tensors; fused ones the input
+        out["mlp"] = (4 if act == "gelu_new" else 1) * i * c
         out["down_input"] = sh + cp
-        if s.resid_dropout > 0:
-            out["dropout"] = 2 * h * ctx.mask_b
+    if s.resid_dropout > 0:
+        out["dropout"] = 2 * h * ctx.mask_b
     return out
 
 
@@ -791,7 +960,7 @@ def _layer_backward_transient(ctx: _Ctx, T: int) -> int:
     s, c = ctx.shape, ctx.c
     i, nh = s.intermediate_size, s.num_heads
     mlp = 3 * i * c + (i * 4 if ctx.lora_b != c else 0)
-    if ctx.fused_attention:
+    if ctx.attention == "fused":
         attn = (2 * s.num_heads * s.head_dim + 2 * s.num_kv_heads * s.head_dim) * max(c, 4)
     else:
         attn = 2 * nh * T * 4
@@ -832,12 +1001,124 @@ def _optimizer_bytes(optimizer: str, tensors: list[tuple[int, int]]) -> int:
 def _resolve_attention(w: Workload, shape: ModelShape, profile: DeviceProfile) -> str:
     """``fused`` (flash / memory-efficient SDPA: no T x T scores saved), ``eager`` (the
     model's own attention code) or ``math`` (SDPA's math fallback, which PyTorch uses on CPU
-    when attention dropout is on; it computes in fp32 whatever the input dtype)."""
-    if w.attention == "eager":
+    when attention dropout is on; it computes in fp32 whatever the input dtype). ``auto`` is
+    what transformers picks for the family (:attr:`Family.attn_implementation`: eager for
+    Gemma-2, SDPA otherwise); a family without SDPA runs eager whatever is asked."""
+    if w.attention == "eager" or shape.description.attn_implementation == "eager":
         return "eager"
     if profile.accelerator != "cuda" and shape.attn_dropout > 0:
         return "math"
     return "fused"
+
+
+# ------------------------------------------------------------------------------------------
+# the model of time (what recommend() ranks by)
+
+
+def device_rates(profile: DeviceProfile, compute: str) -> tuple[float, float, str]:
+    """``(matmul FLOP/s, memory bytes/s, where they come from)`` of ``profile`` for GEMMs in
+    the ``compute`` dtype, before the efficiency factors. Jetsons: NVIDIA's TOPS figure is
+    sparse INT8 on parts with tensor cores, so dense fp16/bf16 is a quarter of it (Orin Nano
+    8GB: 40 TOPS -> 10 TFLOPS, what 8 SMs x 1024 FMA x 625 MHz give); on the Nano and TX2 the
+    profile's figure is already fp16 TFLOPS. fp32 GEMMs run on the CUDA cores: 1/8 of the
+    tensor-core rate (1/2 without tensor cores, where fp16 runs at twice fp32). Bandwidth is
+    the profile's. Profiles without figures (generic CUDA, CPU) use the ``ASSUMED_*`` rates."""
+    if profile.accelerator == "cuda":
+        tensor_cores = (
+            bool(profile.gpu_tensor_cores)
+            if profile.gpu_tensor_cores is not None
+            else (profile.cc or (0, 0)) >= (7, 0)
+        )
+        if profile.tops:
+            half = profile.tops * 1e12 / (4 if tensor_cores else 1)
+            src = f"{profile.tops:g} TOPS"
+        else:
+            half, src = ASSUMED_GPU_HALF_FLOPS, "assumed GPU rate"
+        flops = half if compute in ("bf16", "fp16") else half / (8 if tensor_cores else 2)
+        if profile.memory_bandwidth_gbps:
+            bw = profile.memory_bandwidth_gbps * 1e9
+            src += f", {profile.memory_bandwidth_gbps:g} GB/s"
+        else:
+            bw = ASSUMED_GPU_BANDWIDTH
+            src += ", assumed bandwidth"
+        return flops, bw, src
+    return ASSUMED_CPU_FLOPS, ASSUMED_CPU_BANDWIDTH, "assumed CPU rates"
+
+
+def _estimate_speed(
+    shape: ModelShape,
+    w: Workload,
+    profile: DeviceProfile,
+    *,
+    compute: str,
+    targets: frozenset[str],
+    full_ft: bool,
+    attention: str,
+    activations: int,
+    logits: int,
+    trainable_params: int,
+) -> dict[str, Any]:
+    """Estimated time of one training step: ``FLOPs / (rate x MATMUL_EFFICIENCY) + bytes /
+    (bandwidth x BANDWIDTH_EFFICIENCY)``, a roofline sum (each kernel is compute- or
+    memory-bound, and they do not overlap). FLOPs: every frozen linear layer and the LM head
+    forward and input-gradient (``4 N numel``; full fine-tuning adds the weight gradient), the
+    adapters ``6 N r (in + out)``, attention ``QK^T`` and ``PV`` (``4 N T q_width`` per layer,
+    half of it for fused SDPA, which skips the causally masked blocks) forward + twice that
+    backward, and with checkpointing one more forward of the layers. Bytes: the weights read
+    once per pass (forward, backward, a recomputation); a quantized weight is read packed,
+    then written and read back dequantized in the compute dtype each pass (nf4 ``0.5 +
+    2c`` bytes per value, int8 ``1 + 2c``; int8 also quantizes each layer's input); the
+    saved activations three times (written, read, their gradient) and the logits and loss
+    tensors three times; the optimizer reads and writes parameters, gradients and states.
+    Not modelled: kernel-launch and Python overhead per step (which favour more tokens per
+    step: the tie-break of :func:`recommend`), and bitsandbytes' int8 outlier handling."""
+    B, T = w.batch_size, w.seq_len
+    N = B * T
+    L = shape.num_layers
+    c = DTYPE_BYTES[compute]
+    lin = shape.linears()
+    p_lin = L * sum(x.numel for x in lin)
+    head = shape.vocab_size * shape.lm_head_width
+    grad_passes = 3 if full_ft else 2  # forward, input gradient (+ weight gradient)
+    r = w.lora_rank or 0
+    lora_io = L * sum(x.in_features + x.out_features for x in lin if x.name in targets)
+    if LM_HEAD in targets:
+        lora_io += shape.lm_head_width + shape.vocab_size
+    q_w = shape.num_heads * shape.head_dim
+    attn_fwd = 4 * N * T * q_w * L * (0.5 if attention == "fused" else 1.0)
+    flops = 2 * N * (p_lin + head) * grad_passes + 6 * N * r * lora_io + 3 * attn_fwd
+    passes = 2
+    if w.gradient_checkpointing:
+        flops += 2 * N * p_lin + 2 * N * r * lora_io + attn_fwd
+        passes = 3
+    if w.quant in ("nf4", "int8"):
+        packed = L * sum(_quantized_linear_bytes(x, w.quant, w.double_quant) for x in lin)
+        weight_pass = packed + 2 * c * p_lin
+        if w.quant == "int8":  # each layer's input quantized to int8 (read c, write 1)
+            weight_pass += N * L * sum(x.in_features for x in lin) * (c + 1)
+    else:
+        weight_pass = p_lin * DTYPE_BYTES[w.quant]
+    head_b = head * (c if w.quant in ("nf4", "int8") else DTYPE_BYTES[w.quant])
+    traffic = (
+        passes * (weight_pass + head_b)
+        + 3 * activations
+        + 3 * logits
+        + 32 * trainable_params  # AdamW: read + write fp32 param, grad and two states
+    )
+    peak_flops, bandwidth, source = device_rates(profile, compute)
+    t_compute = flops / (peak_flops * MATMUL_EFFICIENCY)
+    t_memory = traffic / (bandwidth * BANDWIDTH_EFFICIENCY)
+    step = t_compute + t_memory
+    return {
+        "tokens_per_s": N / step,
+        "step_seconds": step,
+        "flops_per_step": flops,
+        "bytes_per_step": traffic,
+        "compute_seconds": t_compute,
+        "memory_seconds": t_memory,
+        "bound": "compute" if t_compute >= t_memory else "memory",
+        "rates": source,
+    }
 
 
 def _resolve(model_config: Any) -> ModelShape:
@@ -1017,6 +1298,11 @@ def plan(
 
     # -- activations --------------------------------------------------------------------------
     attn_kind = _resolve_attention(w, shape, profile)
+    if w.attention == "sdpa" and attn_kind == "eager":
+        notes.append(
+            f"transformers runs {shape.model_type} with eager attention (no SDPA: it soft-caps "
+            "the attention scores); planned as eager, with the seq x seq scores"
+        )
     ctx = _Ctx(
         shape=shape,
         w=w,
@@ -1026,24 +1312,29 @@ def plan(
         targets=targets if not full_ft else frozenset(),
         full_ft=full_ft,
         int8=w.quant == "int8",
-        fused_attention=attn_kind == "fused",
-        math_attention=attn_kind == "math",
+        attention=attn_kind,
         mask_b=c if not on_cuda else 1,
         on_cuda=on_cuda,
     )
     per_layer = _layer_saved(ctx, T)
     layer_tok = sum(per_layer.values())
-    if shape.family == "llama":
-        first_in = shape.hidden_size * 4 + 4  # layer 0's norm input does not require grad
-        final_norm = shape.hidden_size * 4 + 4
-        rope = 2 * T * shape.head_dim * c  # cos/sin, shared by all layers
-    else:
-        first_in = shape.hidden_size * c + 8
-        final_norm = shape.hidden_size * c + 8
-        rope = 0
+    # layers attending through a sliding window narrower than T get a materialized mask
+    narrow = shape.sliding_window is not None and T > shape.sliding_window
+    windowed_layers = shape.sliding_layers if narrow else 0
+    windowed_extra = (
+        sum(_layer_saved(ctx, T, windowed=True).values()) - layer_tok if windowed_layers else 0
+    )
+    norm_in, norm_stats = _norm_bytes(ctx)
+    final_norm = norm_in + norm_stats
+    # layer 0's first norm reads the (frozen) embeddings, which do not require grad: it saves
+    # nothing, and neither does a second norm of a parallel block reading the same input
+    first_in = per_layer["norms"] if shape.parallel_norms else norm_in + norm_stats
+    rope = 2 * T * shape.rotary_dim * c  # cos/sin, shared by all layers
     if full_ft:
         final_norm += 2 * shape.hidden_size * c  # norm weight grad + lm_head input
     ckpt = w.gradient_checkpointing
+    # what the layers save without checkpointing (with it they are recomputed): time model
+    layers_saved = (L * layer_tok + windowed_layers * windowed_extra + final_norm) * N + rope
     if ckpt:
         ckpt_tok = L * shape.hidden_size * c + final_norm
         if ctx.int8:
@@ -1057,18 +1348,22 @@ def plan(
         saved = ckpt_tok * N + rope
     else:
         saved_tok = L * layer_tok - (0 if full_ft else first_in) + final_norm
+        saved_tok += windowed_layers * windowed_extra
         saved = saved_tok * N + rope
     details["activation_bytes_per_token_per_layer"] = layer_tok
     details["activation_terms_per_token_per_layer"] = per_layer
+    details["final_softcap"] = shape.final_softcap
     details["attention"] = {
         "fused": "fused SDPA (no T x T scores saved)",
         "eager": "eager (T x T scores saved)",
         "math": "SDPA math fallback (T x T scores saved, in fp32)",
-    }[attn_kind]
+    }[attn_kind] + (" + soft-cap" if attn_kind == "eager" and shape.attn_softcap else "")
 
     # -- logits and loss ----------------------------------------------------------------------
     V = shape.vocab_size
     logits_c = N * V * c
+    if shape.final_softcap is not None:
+        logits_c += N * V * c  # cap * tanh(logits / cap): the saved tanh output and the result
     loss_extra = 12 * B * (T - 1) * V  # fp32 log-softmax output + its incoming and outgoing grads
 
     # -- phases -------------------------------------------------------------------------------
@@ -1173,6 +1468,18 @@ def plan(
         notes.append("adamw8bit needs bitsandbytes, which is not usable on this device")
     details["why"] = why
     details["off_peak"] = off_peak
+    details["speed"] = _estimate_speed(
+        shape,
+        w,
+        profile,
+        compute=compute,
+        targets=ctx.targets,
+        full_ft=full_ft,
+        attention=attn_kind,
+        activations=layers_saved,
+        logits=logits_c + loss_extra,
+        trainable_params=sum(n for n, _ in trainable),
+    )
     return Plan(
         device=profile.id,
         model=shape.summary(),
@@ -1214,10 +1521,15 @@ _DEFAULT_CANDIDATES: dict[str, list[Any]] = {
     "gradient_checkpointing": [False, True],
     "optimizer": ["adamw"],
 }
+#: the dimensions a request may bound (a user's rank / batch / sequence length)
+_REQUESTABLE = ("lora_rank", "batch_size", "seq_len")
 
 
 def _candidate_space(
-    profile: DeviceProfile, shape: ModelShape, candidates: Mapping[str, Any] | None
+    profile: DeviceProfile,
+    shape: ModelShape,
+    candidates: Mapping[str, Any] | None,
+    requested: Mapping[str, int] | None = None,
 ) -> dict[str, list[Any]]:
     space = {k: list(v) for k, v in _DEFAULT_CANDIDATES.items()}
     quants = [q for q in profile.supported_quants()]
@@ -1237,18 +1549,24 @@ def _candidate_space(
             space[k] = list(v) if isinstance(v, (list, tuple, set)) else [v]
             if not space[k]:
                 raise WorkloadError(f"candidate list {k!r} is empty")
+    for k, v in (requested or {}).items():
+        if k not in _REQUESTABLE:
+            raise WorkloadError(f"requested limits only {list(_REQUESTABLE)}, not {k!r}")
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise WorkloadError(f"requested {k} must be a positive integer, got {v!r}")
+        # a bound, not a target: the grid's values up to it, and the value itself
+        space[k] = sorted({x for x in space[k] if x is not None and x <= v} | {v}, reverse=True)
     return space
 
 
-def _quality_key(p: Plan, target_tokens: int) -> tuple:
+def _tie_break_key(p: Plan) -> tuple:
+    """Among equally fast configurations: higher LoRA rank, higher precision, more tokens per
+    step (it amortizes the per-step overhead the time model leaves out), less memory."""
     w = p.workload
     return (
-        _PRECISION.get(w.quant, 0),
-        min(w.batch_size * w.seq_len, target_tokens),
-        w.seq_len,
         w.lora_rank or 10**6,
-        not w.gradient_checkpointing,
-        w.batch_size,
+        _PRECISION.get(w.quant, 0),
+        w.batch_size * w.seq_len,
         -p.total_bytes,
     )
 
@@ -1259,27 +1577,49 @@ def recommend(
     candidates: Mapping[str, Any] | None = None,
     *,
     app_reserve_bytes: int = DEFAULT_APP_RESERVE_BYTES,
+    margin: float = DEFAULT_MARGIN,
+    requested: Mapping[str, int] | None = None,
     min_seq_len: int = 256,
-    target_tokens: int = 8192,
-    safety_margin: float = 0.05,
+    speed_tolerance: float = DEFAULT_SPEED_TOLERANCE,
 ) -> Plan:
-    """The best training configuration that fits, as a :class:`Plan`.
+    """The FASTEST training configuration that fits with a margin, as a :class:`Plan`.
 
-    ``candidates`` maps :class:`Workload` fields to the values to try (a single value fixes
-    that field), e.g. ``{"quant": ["nf4"], "seq_len": [512, 1024]}``; unspecified fields use
-    a default grid (quant: what the device supports, rank 32..4, batch 16..1, seq 2048..128,
-    checkpointing off/on, AdamW). Preference among the configurations that fit: higher
-    precision (fp32 > bf16/fp16 > int8 > nf4), then more tokens per step (batch x seq, up to
-    ``target_tokens``: beyond that, gradient accumulation gives the same effective batch),
-    then longer sequences, higher rank, no checkpointing (faster), then less memory.
-    Configurations with ``seq_len < min_seq_len`` are only considered when nothing longer fits.
-    A configuration counts as fitting when its total plus ``safety_margin`` (a fraction of the
-    total, default 5%, for the planner's own error) is within the available memory.
+    Candidates: ``candidates`` maps :class:`Workload` fields to the values to try (a single
+    value fixes that field), e.g. ``{"quant": ["nf4"], "seq_len": [512, 1024]}``; unspecified
+    fields use a default grid (quant: what the device supports, rank 32..4, batch 16..1, seq
+    2048..128, checkpointing off/on, AdamW). ``requested`` holds the user's ``lora_rank``,
+    ``batch_size`` and ``seq_len`` as bounds, not targets: that dimension tries the grid's
+    values up to the request and the request itself, and a requested ``seq_len`` is also the
+    minimum length preferred (shorter only when nothing at that length fits).
+
+    Policy:
+
+    1. fits: the planned peak is at most ``(1 - margin)`` of the available memory (``margin``
+       default :data:`DEFAULT_MARGIN`, for the planner's own error);
+    2. sequences of at least ``min_seq_len`` tokens; when none of those fits, only the longest
+       sequence length that fits;
+    3. fastest: the time model's estimated training tokens/s (:func:`_estimate_speed`: FLOPs
+       at the device's matmul rate plus memory traffic, including dequantizing quantized
+       weights, at its bandwidth). Configurations within ``speed_tolerance`` (default 5%) of
+       the best count as equally fast;
+    4. tie-break among those: higher LoRA rank (never above a requested one), higher
+       precision (fp32 > bf16/fp16 > int8 > nf4), more tokens per step, less memory.
+
+    Bigger is therefore not better by itself: a batch or sequence length only wins when the
+    time model says it is faster (e.g. it amortizes reading the weights), and checkpointing
+    (a recomputed forward) only when nothing faster fits. ``details["recommendation"]`` of
+    the returned plan records the margin, the budget, the counts and the runner-up.
     Raises :class:`DoesNotFit` (with the smallest plan tried) when nothing fits.
     """
+    if not 0 <= margin < 1:
+        raise WorkloadError(f"margin must be in [0, 1), got {margin!r}")
+    if not 0 <= speed_tolerance < 1:
+        raise WorkloadError(f"speed_tolerance must be in [0, 1), got {speed_tolerance!r}")
     shape = _resolve(model_config)
     prof = get_profile(profile) if isinstance(profile, str) else profile
-    space = _candidate_space(prof, shape, candidates)
+    space = _candidate_space(prof, shape, candidates, requested)
+    if requested and requested.get("seq_len"):
+        min_seq_len = int(requested["seq_len"])
     keys = list(space)
     plans: list[Plan] = []
     for combo in itertools.product(*(space[k] for k in keys)):
@@ -1288,26 +1628,66 @@ def recommend(
             w = Workload(**kw)
         except WorkloadError:
             continue
+        if w.mode != "train":
+            continue
         try:
             plans.append(plan(shape, prof, w, app_reserve_bytes=app_reserve_bytes))
         except WorkloadError:
             continue
     if not plans:
-        raise WorkloadError("no valid workload among the candidates")
-    if not 0 <= safety_margin < 1:
-        raise WorkloadError(f"safety_margin must be in [0, 1), got {safety_margin!r}")
-    fitting = [p for p in plans if p.total_bytes * (1 + safety_margin) <= p.available_bytes]
-    long_enough = [p for p in fitting if p.workload.seq_len >= min_seq_len]
-    pool = long_enough or fitting
-    if pool:
-        return max(pool, key=lambda p: _quality_key(p, target_tokens))
-    smallest = min(plans, key=lambda p: p.total_bytes)
-    raise DoesNotFit(
-        f"nothing fits {prof.id}: even the smallest configuration tried "
-        f"({smallest.workload.describe()}) needs {fmt_bytes(smallest.total_bytes)}, "
-        f"{fmt_bytes(smallest.available_bytes)} available (short by "
-        f"{fmt_bytes(-smallest.headroom_bytes)}; largest term "
-        f"{max(smallest.breakdown, key=lambda k: smallest.breakdown[k])}). "
-        "Try a device with more memory, a smaller model, or shorter sequences.",
-        smallest,
+        raise WorkloadError("no valid training workload among the candidates")
+    available = plans[0].available_bytes
+    budget = int((1 - margin) * available)
+    fitting = [p for p in plans if p.total_bytes <= budget]
+    if not fitting:
+        smallest = min(plans, key=lambda p: p.total_bytes)
+        raise DoesNotFit(
+            f"nothing fits {prof.id}: even the smallest configuration tried "
+            f"({smallest.workload.describe()}) needs {fmt_bytes(smallest.total_bytes)}, "
+            f"{fmt_bytes(smallest.available_bytes)} available (short by "
+            f"{fmt_bytes(-smallest.headroom_bytes)}; largest term "
+            f"{max(smallest.breakdown, key=lambda k: smallest.breakdown[k])}). "
+            "Try a device with more memory, a smaller model, or shorter sequences.",
+            smallest,
+        )
+    pool = [p for p in fitting if p.workload.seq_len >= min_seq_len]
+    if not pool:
+        longest = max(p.workload.seq_len for p in fitting)
+        pool = [p for p in fitting if p.workload.seq_len == longest]
+    speed = {id(p): p.tokens_per_s or 0.0 for p in pool}
+    fastest = max(speed.values())
+    tied = [p for p in pool if speed[id(p)] >= (1 - speed_tolerance) * fastest]
+    ranked = sorted(tied, key=_tie_break_key, reverse=True)
+    best = ranked[0]
+    runner_up = max(
+        (p for p in pool if p is not best), key=lambda p: speed[id(p)], default=None
     )
+    best.details["recommendation"] = {
+        "policy": (
+            f"fastest estimated tokens/s among configurations whose peak is <= "
+            f"{1 - margin:.0%} of the available memory (margin {margin:.0%}); within "
+            f"{speed_tolerance:.0%} of the fastest: higher LoRA rank, higher precision, more "
+            "tokens per step, less memory"
+        ),
+        "margin": margin,
+        "budget_bytes": budget,
+        "available_bytes": available,
+        "speed_tolerance": speed_tolerance,
+        "min_seq_len": min_seq_len,
+        "requested": dict(requested or {}),
+        "candidates": len(plans),
+        "fitting": len(fitting),
+        "equally_fast": len(tied),
+        "fastest_tokens_per_s": fastest,
+        "tokens_per_s": best.tokens_per_s,
+        "runner_up": (
+            {
+                "workload": runner_up.workload.describe(),
+                "tokens_per_s": runner_up.tokens_per_s,
+                "total_bytes": runner_up.total_bytes,
+            }
+            if runner_up is not None
+            else None
+        ),
+    }
+    return best

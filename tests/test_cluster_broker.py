@@ -113,7 +113,7 @@ def _stop(c: mqtt.Client) -> None:
     c.loop_stop()
 
 
-def _wait(pred, timeout: float = 15.0) -> bool:
+def _wait(pred, timeout: float = 30.0) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if pred():

@@ -172,17 +172,20 @@ def make_tiny_causal_lm(
     seed: int = 0,
     vocab_size: int = 400,
     tokenizer_style: str = "metaspace",
+    pad_vocab: int = 0,
     **config: object,
 ) -> Path:
     """A model of any architecture from its transformers config class (by name, e.g.
-    ``"MistralConfig"``) and ``config`` fields, with a tokenizer, saved at ``path``."""
+    ``"MistralConfig"``) and ``config`` fields, with a tokenizer, saved at ``path``.
+    ``pad_vocab``: embedding rows beyond the tokenizer's ids (checkpoints often round their
+    vocabulary up, e.g. Qwen2 or Phi-3)."""
     import torch
     import transformers
     from transformers import AutoModelForCausalLM
 
     tok = _tokenizer(vocab_size, tokenizer_style)
     cfg = getattr(transformers, config_class)(
-        vocab_size=len(tok),
+        vocab_size=len(tok) + pad_vocab,
         bos_token_id=tok.bos_token_id,
         eos_token_id=tok.eos_token_id,
         pad_token_id=tok.pad_token_id,

@@ -15,6 +15,7 @@ __all__ = [
     "ModelLoadError",
     "QuantizationUnavailableError",
     "TrainingError",
+    "UnsupportedArchitectureError",
 ]
 
 
@@ -24,6 +25,11 @@ class ModelError(Exception):
 
 class ModelLoadError(ModelError):
     """A model directory is missing, incomplete, or cannot be loaded."""
+
+
+class UnsupportedArchitectureError(ModelLoadError, ValueError):
+    """The model's architecture is one cotune refuses (mixture-of-experts models); the message
+    names the family and what is unsupported. Raised before any weight is read."""
 
 
 class QuantizationUnavailableError(ModelLoadError):

@@ -9,7 +9,14 @@ weights. bitsandbytes is optional at run time (Jetson wheels come from elsewhere
 cannot be imported, or fails a tiny quantize/dequantize probe on the device, or the quantized
 load itself fails, the model is loaded as bf16 (CUDA with bf16 support) or fp32 instead, a
 warning is logged and :attr:`LoadReport.notes` says why. ``strict=True`` raises
-:class:`QuantizationUnavailableError` instead.
+:class:`QuantizationUnavailableError` instead. A quantized load that left a decoder-layer
+linear in full precision counts as failed (transformers' bitsandbytes integration skips
+``nn.Linear`` subclasses and only logs it; Falcon's are loaded as plain ``nn.Linear``, which
+computes the same, so that they are quantized).
+
+Families no path takes (mixture-of-experts models, see
+``firmware_profiles.families.unsupported_reason``) are refused before any weight is read:
+:class:`UnsupportedArchitectureError`.
 
 bitsandbytes CPU trap. On CPUs with AVX512-BF16, ``bnb.nn.Linear4bit`` repacks its weight into
 an inference-only layout the first time it runs in eval mode without grad
@@ -29,6 +36,8 @@ CPU copies. :func:`save_peft_adapter` writes the standard peft layout
 
 from __future__ import annotations
 
+import contextlib
+import importlib
 import json
 import logging
 import math
@@ -48,9 +57,10 @@ from algorithms.core.errors import (
     ModelError,
     ModelLoadError,
     QuantizationUnavailableError,
+    UnsupportedArchitectureError,
 )
 from algorithms.core.lora_state import signature_diff, state_signature
-from firmware_profiles import FAMILIES, WorkloadError, targets_for_model_type
+from firmware_profiles import FAMILIES, WorkloadError, targets_for_model_type, unsupported_reason
 
 __all__ = [
     "ADAPTER_CONFIG_NAME",
@@ -282,14 +292,21 @@ def _dtype_kwarg() -> str:
     return "dtype" if (major, minor) >= (4, 56) else "torch_dtype"
 
 
+def _config_json(model_dir: str | Path) -> dict[str, Any]:
+    cfg_path = Path(model_dir) / "config.json"
+    try:
+        cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"cannot read {cfg_path}: {exc}") from exc
+    if not isinstance(cfg, dict):
+        raise ModelLoadError(f"{cfg_path} is not a JSON object")
+    return cfg
+
+
 def model_type_of(model_or_path: Any) -> str:
     """``config.model_type`` of a (possibly peft-wrapped) model or of a local model directory."""
     if isinstance(model_or_path, (str, Path)):
-        cfg_path = Path(model_or_path) / "config.json"
-        try:
-            return str(json.loads(cfg_path.read_text(encoding="utf-8")).get("model_type", ""))
-        except (OSError, ValueError) as exc:
-            raise ModelLoadError(f"cannot read {cfg_path}: {exc}") from exc
+        return str(_config_json(model_or_path).get("model_type", ""))
     cfg = getattr(unwrap_model(model_or_path), "config", None)
     return str(getattr(cfg, "model_type", "") or "")
 
@@ -335,6 +352,9 @@ def load_causal_lm(
             f"{str(p)!r} is not a local Hugging Face model directory (needs config.json, "
             "safetensors weights and tokenizer files); cotune never downloads models"
         )
+    why_not = unsupported_reason(_config_json(p))
+    if why_not is not None:
+        raise UnsupportedArchitectureError(f"{p}: {why_not}")
     dev = _resolve_device(device)
     notes: list[str] = []
     effective = quant
@@ -469,13 +489,66 @@ def _load_quantized_unlocked(
     else:
         qcfg = BitsAndBytesConfig(load_in_8bit=True)
     device_map = {"": dev.index if dev.type == "cuda" and dev.index is not None else str(dev)}
-    return AutoModelForCausalLM.from_pretrained(
-        str(p),
-        local_files_only=True,
-        quantization_config=qcfg,
-        device_map=device_map,
-        **{_dtype_kwarg(): compute},
-    )
+    model_type = model_type_of(p)
+    with _plain_linear_classes(model_type):
+        model = AutoModelForCausalLM.from_pretrained(
+            str(p),
+            local_files_only=True,
+            quantization_config=qcfg,
+            device_map=device_map,
+            **{_dtype_kwarg(): compute},
+        )
+    _check_quantized(model, quant, model_type)
+    return model
+
+
+#: decoder linears that transformers builds from a subclass of ``nn.Linear``, which its
+#: bitsandbytes integration leaves alone (it converts ``type(module) is nn.Linear`` only, and
+#: only logs that it found nothing): model_type -> (module, class). The subclass computes what
+#: ``nn.Linear`` computes, so a quantized load builds plain ``nn.Linear`` layers instead.
+_LINEAR_SUBCLASSES = {"falcon": ("transformers.models.falcon.modeling_falcon", "FalconLinear")}
+
+
+@contextlib.contextmanager
+def _plain_linear_classes(model_type: str) -> Any:
+    """While loading (under the load lock): the family's ``nn.Linear`` subclass is
+    ``nn.Linear``. A class that moved is left alone; :func:`_check_quantized` catches the rest."""
+    where = _LINEAR_SUBCLASSES.get(model_type)
+    module = importlib.import_module(where[0]) if where is not None else None
+    saved = getattr(module, where[1], None) if where is not None else None
+    if saved is None or not issubclass(saved, torch.nn.Linear):
+        yield
+        return
+    setattr(module, where[1], torch.nn.Linear)
+    try:
+        yield
+    finally:
+        setattr(module, where[1], saved)
+
+
+def _check_quantized(model: torch.nn.Module, quant: str, model_type: str) -> None:
+    """A quantized load must have quantized every decoder-layer linear the family table
+    names (any linear for a family it does not know); transformers only logs when it skips
+    them, and the weights would stay in full precision under an nf4/int8 label."""
+    bnb = _import_bitsandbytes()
+    qcls = bnb.nn.Linear4bit if quant == "nf4" else bnb.nn.Linear8bitLt
+    fam = FAMILIES.get(model_type)
+    names = set(fam.linear_names) if fam is not None else None
+    quantized, plain = 0, []
+    for name, mod in model.named_modules():
+        if isinstance(mod, qcls):
+            quantized += 1
+        elif names is not None and name.rsplit(".", 1)[-1] in names:
+            w = getattr(mod, "weight", None)
+            leaf = not any(True for _ in mod.children())
+            if isinstance(w, torch.Tensor) and w.dim() == 2 and leaf:
+                plain.append(name)
+    if plain or not quantized:
+        raise ModelLoadError(
+            f"the {quant} load of this {model_type or 'model'} left {len(plain) or 'every'} "
+            f"decoder linear layer(s) unquantized (e.g. {plain[:2]}): transformers' "
+            "bitsandbytes integration does not convert them"
+        )
 
 
 def _load_tokenizer(p: Path, notes: list[str]) -> Any:

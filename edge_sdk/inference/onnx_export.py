@@ -24,7 +24,8 @@ The cache keeps every position on every layer (one layout for all), so the windo
 by the mask alone, in the prefill and in each cached decoding step alike. A pattern the export
 cannot reproduce (an unknown family with a window, chunked or bidirectional attention) raises
 :class:`~edge_sdk.inference.ExportUnsupportedError` before any weight is loaded; the runtime
-then runs torch eager and logs why.
+then runs torch eager and logs why. A mixture-of-experts model is refused the same way (and the
+loader refuses it too, so no backend runs it).
 
 LoRA. ``lora_mode="merge"`` folds ``scaling * B @ A`` into the base weights (the graph is the
 tuned model). ``lora_mode="gated"`` keeps the adapter unmerged and multiplies its output by a
@@ -356,6 +357,16 @@ def attention_spec(config: Any) -> AttentionSpec:
     if isinstance(window, bool) or not isinstance(window, int) or window < 1:
         return replace(spec, unsupported=f"sliding window {window!r} is not a positive integer")
     return replace(spec, window=window, sliding=sliding)
+
+
+def _check_family(config: Any) -> None:
+    """A family no path of cotune takes (``firmware_profiles.families.unsupported_reason``:
+    mixture-of-experts models) is refused before the weights are loaded."""
+    from firmware_profiles.families import unsupported_reason
+
+    why = unsupported_reason(config)
+    if why is not None:
+        raise ExportUnsupportedError(f"{why}; the model is not exported")
 
 
 def _read_config(model_path: str | Path) -> Any | None:
@@ -757,6 +768,7 @@ def export_onnx(
     fp = _fingerprint or fingerprint(model_path, adapter)
     config = _read_config(model_path)
     if config is not None:  # refuse before loading the weights
+        _check_family(config)
         attention_spec(config).check_exportable()
     kv = load_kv_model(model_path, adapter, lora_mode, export_mask=True)
     out = Path(out_dir)
