@@ -113,7 +113,9 @@ class Bench:
                 self.s[algo]["align_base"] = None
         if getattr(args, "llm_teacher", None):
             self.s["fedcollm"]["llm_teacher"] = args.llm_teacher
-        self.zoo = build_zoo(quick=False, progress=True)
+        from algorithms.zoo.recipes import RECIPES
+
+        self.zoo = build_zoo(recipe=RECIPES[getattr(args, "zoo", "full")], progress=True)
         self.slm_path, self.llm_path = str(self.zoo["slm-llama"]), str(self.zoo["llm"])
         self.domains = self.s["domains"] or domains()
         lim, elim = self.s["private_limit"], self.s["eval_limit"]
@@ -546,6 +548,9 @@ def main() -> int:
     ap.add_argument("--algorithm", default="fedcollm,fedpt",
                     help="comma-separated: fedcollm, fedpt, fedbiot, fedmkt; or fedavg with --async")
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--zoo", default="full", choices=["full", "bench"],
+                    help="the model zoo: full (default) or bench (`cotune zoo build --recipe bench`: a "
+                         "10-layer LLM clearly stronger than its SLMs)")
     ap.add_argument("--rounds", type=int, default=None)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--llm-teacher", choices=["slm", "proxy"], default=None,
@@ -598,7 +603,8 @@ def main() -> int:
     fig = b.figures(algos)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    tag = "-".join(algos) + ("-quick" if args.quick else "") + ("-noalign" if args.no_align else "")
+    tag = ("-".join(algos) + ("-quick" if args.quick else "") + ("-noalign" if args.no_align else "")
+           + ("-benchzoo" if args.zoo == "bench" else ""))
     (out / f"quality-{tag}.json").write_text(json.dumps({"figures": fig, **b.results}, indent=2, default=str))
     b.plot(out / f"quality-{tag}.png", algos)
     b.say(f"wrote {out / f'quality-{tag}.json'} and .png")

@@ -137,6 +137,33 @@ def test_full_recipe_shapes():
     assert sizes["t1"] != sizes["t2"]
 
 
+def test_bench_recipe_has_a_stronger_deeper_llm():
+    """The benchmark zoo: an LLM of at least 10 layers (FedBiOT drops half its middle) and 2.5x
+    the full zoo's parameters; the SLMs keep their shapes (only the GPT-2 trains longer)."""
+    from algorithms.zoo.pretrain import make_model, param_counts
+    from algorithms.zoo.recipes import BENCH, RECIPES
+
+    class Vocab:
+        bos_token_id, eos_token_id, pad_token_id = 0, 1, 2
+
+        def __init__(self, n):
+            self.n = n
+
+        def __len__(self):
+            return self.n
+
+    assert RECIPES["bench"] is BENCH
+    sizes = {t.name: t.vocab_size for t in BENCH.tokenizers}
+    llm = param_counts(make_model(BENCH.model("llm"), Vocab(sizes["t1"])))["total"]
+    full = param_counts(make_model(FULL.model("llm"), Vocab(sizes["t1"])))["total"]
+    assert BENCH.model("llm").layers >= 10 and llm >= 2.5 * full
+    assert BENCH.model("llm").train_tokens >= 1.5 * FULL.model("llm").train_tokens
+    assert BENCH.model("slm-gpt2").train_tokens >= 2.5 * FULL.model("slm-gpt2").train_tokens
+    for slm in ("slm-llama", "slm-gpt2"):
+        a, b = BENCH.model(slm), FULL.model(slm)
+        assert (a.hidden, a.layers, a.intermediate) == (b.hidden, b.layers, b.intermediate)
+
+
 def test_default_cache_dir(monkeypatch, tmp_path):
     monkeypatch.setenv("COTUNE_ZOO", str(tmp_path / "z"))
     assert default_cache_dir() == tmp_path / "z"

@@ -7,7 +7,7 @@ import json
 import sys
 
 from .build import ZooError, build_zoo, default_cache_dir
-from .recipes import MODEL_NAMES
+from .recipes import MODEL_NAMES, RECIPES
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -15,6 +15,9 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     b = sub.add_parser("build", help="build the tiny pretrained LMs (cached; prints a summary)")
     b.add_argument("--quick", action="store_true", help="the much smaller variant used by tests")
+    b.add_argument("--recipe", choices=sorted(RECIPES), default=None,
+                   help="which zoo: full (default; the demo and benchmarks), quick (tests), bench (a "
+                        "10-layer LLM clearly stronger than its SLMs, for the quality benchmarks; ~45 min)")
     b.add_argument(
         "--cache-dir",
         default=None,
@@ -49,7 +52,8 @@ def zoo_cli(args: list[str]) -> int:
     """Entry point for ``cotune zoo``; returns the process exit code."""
     ns = _parser().parse_args(args)
     try:
-        paths = build_zoo(cache_dir=ns.cache_dir, quick=ns.quick, progress=not ns.quiet)
+        recipe = RECIPES[ns.recipe] if ns.recipe else None
+        paths = build_zoo(cache_dir=ns.cache_dir, quick=ns.quick, progress=not ns.quiet, recipe=recipe)
     except (ZooError, OSError) as exc:
         print(f"cotune zoo: {exc}", file=sys.stderr)
         return 1

@@ -127,4 +127,26 @@ QUICK = ZooRecipe(
     lanes=1,  # in-process: starting worker interpreters would cost more than the training
 )  # fmt: skip
 
-RECIPES = {"full": FULL, "quick": QUICK}
+# The benchmark zoo (``cotune zoo build --recipe bench``): an LLM that is clearly stronger than
+# its SLMs, with enough decoder layers for FedBiOT to drop half of its middle. 10 layers of 384
+# (2.6x the full zoo's LLM parameters) on 1.75x its tokens, about 1.5 passes over the general text;
+# the GPT-2 SLM on 2.5x its tokens. Sized to build in under 45 minutes on 2 cores: the LLM trains
+# alone in one lane, the two SLMs share the other. The SLMs' shapes are the full zoo's, so
+# the quality figures move because the teacher got better, not the students.
+BENCH = ZooRecipe(
+    name="bench",
+    tokenizers=FULL.tokenizers,
+    models=(
+        ModelSpec("llm", "llama", "t1", hidden=384, layers=10, heads=6, kv_heads=2,
+                  intermediate=1024, max_positions=512, train_tokens=2_800_000, lr=1.5e-3, seed=1),
+        ModelSpec("slm-llama", "llama", "t1", hidden=128, layers=5, heads=4, kv_heads=2,
+                  intermediate=344, max_positions=512, train_tokens=1_200_000, lr=6e-3, seed=2),
+        ModelSpec("slm-gpt2", "gpt2", "t2", hidden=128, layers=5, heads=4, kv_heads=4,
+                  intermediate=512, max_positions=512, train_tokens=3_000_000, lr=6e-3, seed=3),
+    ),
+    seq_len=256,
+    batch_size=8,
+    warmup_steps=100,
+)  # fmt: skip
+
+RECIPES = {"full": FULL, "quick": QUICK, "bench": BENCH}
