@@ -220,7 +220,7 @@ def test_aggregator_service_answers_logits_requests_when_configured(make_federat
         ids = [5, 9, 13, 2]
         alice.send("aggregator", LogitsRequest("svc-1", ids, positions=2, top_k=local_large.vocab_size))
         inbound = svc.endpoint.recv(timeout=20)
-        svc._on_other(inbound)  # what _collect does with a message that is not an Update
+        svc.on_other(inbound)  # what the intake does with a message that is not an Update
         got = alice.recv(timeout=20).message
         assert isinstance(got, LogitsResponse) and got.request_id == "svc-1" and not got.error
         dense = np.full((2, local_large.vocab_size), -np.inf, np.float32)
