@@ -96,6 +96,8 @@ def run(b) -> None:
     from edge_sdk.context import DeviceContext
 
     cfg = settings(b.args.quick)
+    if getattr(b.args, "drop_ratio", None) is not None:
+        cfg["drop_ratio"] = float(b.args.drop_ratio)
     b.results["fedbiot_settings"] = cfg
     llm = LocalLLM(b.llm_path)
     tok = llm.tokenizer()

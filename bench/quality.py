@@ -553,6 +553,9 @@ def main() -> int:
                          "10-layer LLM clearly stronger than its SLMs)")
     ap.add_argument("--rounds", type=int, default=None)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--drop-ratio", type=float, default=None,
+                    help="--algorithm fedbiot: share of the LLM's middle layers the emulator drops "
+                         "(default 0.5; the paper's compression is about 0.6)")
     ap.add_argument("--llm-teacher", choices=["slm", "proxy"], default=None,
                     help="FedCoLLM: what the LLM distils from (default: the settings' choice)")
     ap.add_argument("--no-align", action="store_true",
