@@ -334,6 +334,17 @@ def _ad_message(federation: str, round: int, party: str, c_pk: bytes, s_pk: byte
     return _pack(_AD_DOMAIN, federation, round, party, c_pk, s_pk)
 
 
+def _signed_keys(federation: str, round: int, party: str, ad: Mapping, sign_pub: bytes) -> tuple[bytes, bytes]:
+    """(c_pk, s_pk) of ``party``'s advertisement, its signature checked with ``sign_pub``;
+    ValueError (and friends) when malformed, InvalidSignature when forged."""
+    c_pk, s_pk, sig = b64d(ad["c_pk"]), b64d(ad["s_pk"]), b64d(ad["sig"])
+    verify = Ed25519PublicKey.from_public_bytes(bytes(sign_pub))
+    if len(c_pk) != 32 or len(s_pk) != 32 or len(sig) != 64:
+        raise ValueError("wrong key or signature length")
+    verify.verify(sig, _ad_message(federation, round, party, c_pk, s_pk))
+    return c_pk, s_pk
+
+
 def _pair_info(domain: bytes, federation: str, round: int, a: str, b: str) -> bytes:
     lo, hi = sorted((a, b))
     return _pack(domain, federation, round, lo, hi)
@@ -514,14 +525,9 @@ class SecAggClient:
         peers = {}
         for v, ad in neighbours.items():
             try:
-                c_pk, s_pk, sig = b64d(ad["c_pk"]), b64d(ad["s_pk"]), b64d(ad["sig"])
-                verify = Ed25519PublicKey.from_public_bytes(b64d(ad["sign_pub"]))
-                if len(c_pk) != 32 or len(s_pk) != 32:
-                    raise ValueError("keys are 32 bytes")
+                c_pk, s_pk = _signed_keys(self.federation, self.round, v, ad, b64d(ad["sign_pub"]))
             except (KeyError, TypeError, ValueError, AttributeError) as exc:
                 raise SecAggAbort("bad_request", f"{v}: malformed keys ({exc})") from exc
-            try:
-                verify.verify(sig, _ad_message(self.federation, self.round, v, c_pk, s_pk))
             except InvalidSignature:
                 raise SecAggAbort("bad_signature", v) from None
             if c_pk in seen or s_pk in seen or c_pk == s_pk:
@@ -669,14 +675,9 @@ class SecAggServer:
         if len(self._ads) >= self.params.max_clients:
             raise SecAggRejected("round_full", f"{self.params.max_clients} clients already")
         try:
-            c_pk, s_pk, sig = b64d(ad["c_pk"]), b64d(ad["s_pk"]), b64d(ad["sig"])
-            verify = Ed25519PublicKey.from_public_bytes(bytes(sign_pub))
-            if len(c_pk) != 32 or len(s_pk) != 32 or len(sig) != 64:
-                raise ValueError("wrong key or signature length")
+            c_pk, s_pk = _signed_keys(self.federation, self.round, client, ad, bytes(sign_pub))
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise SecAggRejected("bad_request", f"{client}: {exc}") from exc
-        try:
-            verify.verify(sig, _ad_message(self.federation, self.round, client, c_pk, s_pk))
         except InvalidSignature:
             raise SecAggRejected("bad_signature", client) from None
         if c_pk == s_pk or c_pk in self._keys_seen or s_pk in self._keys_seen:
@@ -688,7 +689,7 @@ class SecAggServer:
         except ValueError:
             raise SecAggRejected("bad_request", f"{client}: low-order public key") from None
         self._keys_seen |= {c_pk, s_pk}
-        self._ads[client] = (c_pk, s_pk, sig, bytes(sign_pub))
+        self._ads[client] = (c_pk, s_pk, b64d(ad["sig"]), bytes(sign_pub))
 
     @_step("advertise")
     def close_advertise(self) -> dict[str, dict[str, dict]]:

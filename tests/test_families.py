@@ -166,23 +166,9 @@ def test_attention_implementation_is_what_transformers_picks(family):
 
 
 def _saved_bytes(model, batch: int, seq: int) -> int:
-    """Unique bytes autograd saves for backward in one forward (parameters excluded)."""
-    import torch
+    from tests.tiny_models import saved_bytes
 
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    params |= {b.untyped_storage().data_ptr() for b in model.buffers()}
-    seen: dict[int, int] = {}
-
-    def pack(t):
-        st = t.untyped_storage()
-        if st.data_ptr() not in params and t.numel() > 1:  # skip python-scalar constants
-            seen.setdefault(st.data_ptr(), st.nbytes())
-        return t
-
-    ids = torch.randint(3, 90, (batch, seq))
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False)
-    return sum(seen.values())
+    return saved_bytes(model, batch, seq)
 
 
 @pytest.mark.parametrize("quant", ["fp32", "bf16"])

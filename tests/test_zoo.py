@@ -111,18 +111,21 @@ def test_cli_reports_cached_zoo(zoo, capsys):
         assert name in out
 
 
+class Vocab:
+    """Just what make_model reads of a tokenizer."""
+
+    bos_token_id, eos_token_id, pad_token_id = 0, 1, 2
+
+    def __init__(self, n):
+        self.n = n
+
+    def __len__(self):
+        return self.n
+
+
 def test_full_recipe_shapes():
     """The full zoo's size ratios and embedding shares, without training it."""
     from algorithms.zoo.pretrain import make_model, param_counts
-
-    class Vocab:
-        bos_token_id, eos_token_id, pad_token_id = 0, 1, 2
-
-        def __init__(self, n):
-            self.n = n
-
-        def __len__(self):
-            return self.n
 
     sizes = {t.name: t.vocab_size for t in FULL.tokenizers}
     counts = {
@@ -142,15 +145,6 @@ def test_bench_recipe_has_a_stronger_deeper_llm():
     the full zoo's parameters; the SLMs keep their shapes (only the GPT-2 trains longer)."""
     from algorithms.zoo.pretrain import make_model, param_counts
     from algorithms.zoo.recipes import BENCH, RECIPES
-
-    class Vocab:
-        bos_token_id, eos_token_id, pad_token_id = 0, 1, 2
-
-        def __init__(self, n):
-            self.n = n
-
-        def __len__(self):
-            return self.n
 
     assert RECIPES["bench"] is BENCH
     sizes = {t.name: t.vocab_size for t in BENCH.tokenizers}

@@ -248,3 +248,24 @@ def make_random_adapter(base, out, seed=1, scale=0.2):
             if "lora_B" in name:
                 prm.copy_(torch.randn(prm.shape, generator=g) * scale)
     return save_peft_adapter(peft_model, base, out)
+
+
+def saved_bytes(model, batch: int, seq: int) -> int:
+    """Unique bytes autograd saves for backward in one forward of ``model`` (parameters and
+    buffers excluded): what the planner's activation term must equal."""
+    import torch
+
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    params |= {b.untyped_storage().data_ptr() for b in model.buffers()}
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        st = t.untyped_storage()
+        if st.data_ptr() not in params and t.numel() > 1:  # skip python-scalar constants
+            seen.setdefault(st.data_ptr(), st.nbytes())
+        return t
+
+    ids = torch.randint(3, 90, (batch, seq))
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False)
+    return sum(seen.values())
