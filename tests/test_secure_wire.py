@@ -5,6 +5,7 @@ error, with devices dropping out at every step."""
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import shutil
@@ -281,3 +282,17 @@ def test_fedcollm_round_under_secure_aggregation(make_federation, tiny_llama_pat
     with StateStore(tmp_path / "agg" / "state.db") as store:
         m = store.round_info(1).metrics
     assert m["secagg"]["survivors"] == 3 and m["steps"] == 2  # unmasked, then the server step ran
+
+
+def test_fleet_simulate_cli_runs_secure_rounds(tmp_path, capsys):
+    if find_mosquitto() is None:
+        pytest.skip("mosquitto is not installed (apt-get install mosquitto); CI installs it")
+    from cotune.cli import main as cli_main
+
+    out = tmp_path / "out"
+    rc = cli_main(["fleet", "simulate", "--clients", "6", "--rounds", "1", "--secure", '{"step_timeout_s": 10}',
+                   "--no-progress", "--deadline", "60", "--out", str(out)])
+    assert rc == 0, capsys.readouterr().out
+    run = json.loads((out / "fleet.json").read_text())[0]
+    assert [(r["accepted"], r["rejected"]) for r in run["rounds"]] == [(6, 0)]
+    assert run["update_bytes"] > 8_000  # masked uint32 inputs (8.8 KB), not the 4.4 KB fp16 updates

@@ -28,6 +28,9 @@ def add_parser(sub) -> None:
     s.add_argument("--protocol", default="5", choices=["5", "3.1.1"])
     s.add_argument("--deadline", type=float, default=600.0, help="round deadline (s)")
     s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--secure", metavar="JSON", nargs="?", const="{}",
+                   help='rounds under secure aggregation (SecAgg+); optional settings as JSON, e.g. '
+                        '\'{"clip": 1.0, "dropout_rate": 0.2}\' (clip defaults to 1.0)')
     s.add_argument("--out", default="fleet-out", help="where fleet.json, fleet.png and the table go")
     s.add_argument("--keep", action="store_true", help="keep the federation and state directories")
     s.add_argument("--no-progress", action="store_true")
@@ -42,11 +45,14 @@ def run_cli(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     runs = []
     for n in sizes:
+        overrides = None
+        if args.secure is not None:
+            overrides = {"secure_aggregation": {"clip": 1.0, **json.loads(args.secure)}}
         opts = FleetOptions(clients=n, rounds=args.rounds, size=args.size, model=args.model,
                             lora=json.loads(args.lora) if args.lora else None, workers=args.workers,
                             auth=args.auth, protocol=args.protocol, seed=args.seed,
                             round_deadline_s=args.deadline, keep=args.keep,
-                            progress=not args.no_progress)
+                            progress=not args.no_progress, aggregator_overrides=overrides)
         runs.append(run_fleet(opts))
         (out / "fleet.json").write_text(json.dumps([r.to_json() for r in runs], indent=2))
     text = table(runs)
