@@ -230,7 +230,8 @@ def noisy_mean(mean: Mapping[str, np.ndarray], count: int, spec: UpdateSpec, *, 
     for name in spec.names:
         ref = spec.reference64(name)
         total = (np.asarray(mean[name], dtype=np.float64) - ref) * count
-        total += rng.normal(0.0, z * clip, size=total.shape)
+        if z > 0:  # z 0: the noise is already in the sum (distributed DP under secure aggregation)
+            total += rng.normal(0.0, z * clip, size=total.shape)
         out[name] = ref + total / denominator
     return out
 

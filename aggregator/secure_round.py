@@ -151,15 +151,9 @@ class SecureAggConfig:
     def params(self, selected: int, quorum: int, noise_std: float = 0.0) -> SecAggParams:
         """The round's parameters: sized for ``selected`` clients, each coordinate within the
         clip (plus the noise share's range); fewer than ``quorum`` inputs are never unmasked."""
-        p = SecAggParams.for_clients(selected, value_range(self.clip, noise_std), max_clients=selected,
-                                     threshold_fraction=self.threshold_fraction, min_clients=max(2, quorum),
-                                     dropout_rate=self.dropout_rate)
-        if self.degree is not None:
-            degree = min(self.degree, max(2, selected - 1))
-            threshold = min(degree, max(2, math.ceil(self.threshold_fraction * degree) + 1))
-            p = SecAggParams(clip=p.clip, max_clients=p.max_clients, degree=degree, threshold=threshold,
-                             bits=p.bits, min_clients=p.min_clients)
-        return p
+        return SecAggParams.for_clients(selected, value_range(self.clip, noise_std), max_clients=selected,
+                                        threshold_fraction=self.threshold_fraction, min_clients=max(2, quorum),
+                                        dropout_rate=self.dropout_rate, degree=self.degree)
 
 
 def layout(spec: UpdateSpec) -> list[tuple[str, tuple[int, ...], int]]:

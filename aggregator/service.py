@@ -288,13 +288,8 @@ class AggregatorService:
             self.progress(f"round {r}: {metrics['skipped']}; global state unchanged")
         _event("round_committed", round=r, process_cpu_s=round(time.process_time(), 4), **metrics)
         _metrics.round_committed(metrics)
-        if secure:
-            IngestLog.discard_round(self.state_dir / "wal", r)
-            if self.cfg.keep_globals:
-                try:
-                    self.store.prune(self.cfg.keep_globals)
-                except StateError as exc:
-                    log.warning("retention: %s", exc)
+        if secure:  # no ingest log, partial or workers of its own: retention only
+            self._retire(r, None, None)
 
     def stopping(self) -> bool:
         return self._stop.is_set()
@@ -395,7 +390,7 @@ class AggregatorService:
         return self.dp.release(mean, count, spec, selected=selected, round=r, q=q, spent=self._dp_spent(r - 1),
                                noised_by_clients=noised_by_clients)
 
-    def _retire(self, r: int, agg: Aggregator, ingest: RoundIngest | None) -> None:
+    def _retire(self, r: int, agg: Aggregator | None, ingest: RoundIngest | None) -> None:
         """After a commit: the round's log, partial checkpoint and spills go; global states
         beyond the retention window go too."""
         if ingest is not None:

@@ -59,6 +59,13 @@ BROADCAST = "*"
 _DOMAIN = b"cotune/envelope/v1"
 #: generous upper bound of framing + header + tag + signature, used to size chunks
 ENVELOPE_OVERHEAD = 2048
+
+
+def fits_one_message(tensor_bytes: int, max_message_bytes: int) -> bool:
+    """Whether a message carrying ``tensor_bytes`` of tensors inline fits one MQTT message
+    (room for the envelope twice over and 4 KiB of header fields); else it goes as a blob."""
+    return tensor_bytes + 2 * ENVELOPE_OVERHEAD + 4096 < max_message_bytes
+
 #: bounds of the numeric header fields: integers fit an int64; a timestamp is finite, not
 #: negative and below 2**40 s (year 36812), so a NaN or Inf can never slip past the replay window
 MAX_HEADER_INT = 2**63 - 1

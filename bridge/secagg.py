@@ -214,6 +214,7 @@ class SecAggParams:
         min_clients: int = 2,
         dropout_rate: float = 0.0,
         failure: float = 1e-6,
+        degree: int | None = None,
     ) -> SecAggParams:
         """SecAgg+ sizing for about ``n`` clients: degree = smallest even number >= 3*log2(n)
         (logarithmic growth) such that, when each client drops out independently with
@@ -221,7 +222,7 @@ class SecAggParams:
         of its neighbours is at most ``failure`` (union bound over the n clients, exact binomial
         tail); capped at n - 1 (then everyone is a neighbour, as in SecAgg). The degree needed
         grows like log(n) / (1/2 - dropout_rate)^2: sparse graphs pay off for large n and
-        moderate dropout rates;
+        moderate dropout rates; an explicit ``degree`` replaces that search (still capped);
         threshold = max(2, ceil(fraction * degree) + 1), capped at degree. A fraction below 0.5
         may give ``2 * threshold <= degree``, which is refused (see the threat model). For
         n < 3 the degree is 2 and every round aborts (``too_few_clients``): with two clients the
@@ -236,10 +237,11 @@ class SecAggParams:
         def threshold_of(k: int) -> int:
             return min(k, max(2, math.ceil(threshold_fraction * k) + 1))
 
-        degree = max(2, math.ceil(3 * math.log2(n)))
-        degree += degree % 2
-        while degree < n - 1 and n * _binom_below(degree, 1 - dropout_rate, threshold_of(degree)) > failure:
-            degree += 2
+        if degree is None:
+            degree = max(2, math.ceil(3 * math.log2(n)))
+            degree += degree % 2
+            while degree < n - 1 and n * _binom_below(degree, 1 - dropout_rate, threshold_of(degree)) > failure:
+                degree += 2
         degree = min(degree, max(n - 1, 2))
         threshold = threshold_of(degree)
         return cls(

@@ -26,7 +26,7 @@ from algorithms.core.memory import PeakMemory
 from algorithms.core.modeling import adapter_state, save_peft_adapter
 from bridge.codec import decode, encode
 from bridge.endpoint import Endpoint, EndpointConfig, broker_config_for
-from bridge.envelope import ENVELOPE_OVERHEAD
+from bridge.envelope import fits_one_message
 from bridge.errors import BridgeError
 from bridge.messages import (
     BlobRef,
@@ -177,7 +177,7 @@ class EdgeClient:
             self._start_secure(task, sender, downloads, report, metrics)
             return
         payload = pack_state(report.tensors)
-        inline = len(payload) + 2 * ENVELOPE_OVERHEAD + 4096 < self.endpoint.config.max_message_bytes
+        inline = fits_one_message(len(payload), self.endpoint.config.max_message_bytes)
         update = Update(round=task.round, algorithm=task.algorithm, num_examples=report.num_examples,
                         metrics=metrics, tensors=report.tensors if inline else {})
         blob_path = cached.with_suffix(".blob")
@@ -201,19 +201,13 @@ class EdgeClient:
         """Clip, noise and weight the delta to the received global, then advertise this round's
         keys; the rest of the round follows the aggregator's messages (:meth:`_on_secagg`)."""
         from bridge.secagg import SecAggAbort
-        from bridge.secagg_session import secure_params, session_for
 
-        from .secure_upload import secure_input
+        from .secure_upload import open_session
 
         self._secure_rounds.add(task.round)
         try:
-            params, clip, cap, noise = secure_params(task.config)
-            dp = task.config.get("dp") or {}
-            values, weight, info = secure_input(
-                report.tensors, unpack_state(downloads["global"]), clip=clip, value_range=params.clip,
-                num_examples=report.num_examples, weight_cap=cap,
-                noise_std=noise if dp.get("mode") == "central" else 0.0, unweighted=bool(dp))
-            session = session_for(self.party, task.round, params, values, weight)
+            session, info = open_session(self.party, task.config, task.round, report.tensors,
+                                         unpack_state(downloads["global"]), report.num_examples)
             keys = session.start()
         except (SecAggAbort, KeyError) as exc:
             log.warning("%s: cannot take part in secure round %d: %s", self.party_id, task.round, exc)
@@ -251,7 +245,7 @@ class EdgeClient:
 
     def _send_masked(self, update: Update, masked) -> None:
         tensors = {"masked": masked}
-        if masked.nbytes + 2 * ENVELOPE_OVERHEAD + 4096 < self.endpoint.config.max_message_bytes:
+        if fits_one_message(masked.nbytes, self.endpoint.config.max_message_bytes):
             self.endpoint.send(self.aggregator_id, Update(update.round, update.algorithm, update.num_examples,
                                                           update.metrics, tensors=tensors), round=update.round)
             return

@@ -56,3 +56,20 @@ def secure_input(update: Mapping[str, np.ndarray], reference: Mapping[str, np.nd
         np.minimum(values, value_range, out=values)
         np.maximum(values, -value_range, out=values)
     return values, weight, {"norm": norm, "clipped": clipped, "secure_weight": weight}
+
+
+def open_session(party, task_config: Mapping, round: int, update: Mapping[str, np.ndarray],
+                 reference: Mapping[str, np.ndarray], num_examples: int, *, rng: np.random.Generator | None = None):
+    """A device's secure round from a Task's config: its update clipped, noised (central dp:
+    this client's share) and weighted (unweighted under dp), in a
+    :class:`bridge.secagg_session.ClientSession` for the provisioned ``party``. Returns
+    ``(session, metrics)``; SecAggAbort when the task cannot be taken part in."""
+    from bridge.secagg_session import secure_params, session_for
+
+    params, clip, cap, noise = secure_params(task_config)
+    dp = task_config.get("dp") or {}
+    values, weight, info = secure_input(update, reference, clip=clip, value_range=params.clip,
+                                        num_examples=num_examples, weight_cap=cap,
+                                        noise_std=noise if dp.get("mode") == "central" else 0.0,
+                                        unweighted=bool(dp), rng=rng)
+    return session_for(party, round, params, values, weight), info

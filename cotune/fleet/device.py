@@ -46,7 +46,7 @@ from safetensors.numpy import save as st_save
 from bridge.blobs import DEFAULT_CHUNK_SIZE, from_ranges, to_ranges
 from bridge.codec import decode, encode
 from bridge.endpoint import CHUNK
-from bridge.envelope import ENVELOPE_OVERHEAD, ReplayGuard, Sealer, UnknownKey
+from bridge.envelope import ReplayGuard, Sealer, UnknownKey, fits_one_message
 from bridge.errors import BridgeError, MalformedMessage, TamperedMessage
 from bridge.keys import Directory, Identity, read_json
 from bridge.messages import (
@@ -63,9 +63,8 @@ from bridge.messages import (
     Update,
 )
 from bridge.provision import load_party_config
-from bridge.secagg_session import secure_params, session_for
 from bridge.topics import Topics
-from edge_sdk.secure_upload import secure_input
+from edge_sdk.secure_upload import open_session
 
 #: numeric libraries: one thread per process (set before numpy/torch start their pools)
 THREAD_ENV = {k: "1" for k in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS",
@@ -446,7 +445,7 @@ class VirtualDevice:
         spec = w.spec_for(ref.sha256)
         secure = "secure_aggregation" in task.config
         size = w.payload_size(ref.sha256) * (2 if secure else 1)  # masked: 4 bytes a value
-        inline = size + 2 * ENVELOPE_OVERHEAD + 4096 < w.cfg.max_message_bytes
+        inline = fits_one_message(size, w.cfg.max_message_bytes)
         if not inline and not secure and w.uploads_in_flight >= w.cfg.max_uploads:
             w.deferred.append((self, job))  # sent when an upload slot frees
             return
@@ -464,7 +463,7 @@ class VirtualDevice:
         w = self.worker
         payload = pack(tensors)
         digest = hashlib.sha256(payload).hexdigest()
-        inline = len(payload) + 2 * ENVELOPE_OVERHEAD + 4096 < w.cfg.max_message_bytes
+        inline = fits_one_message(len(payload), w.cfg.max_message_bytes)
         t_send = time.time()
         if inline:
             update = Update(round=update.round, algorithm=update.algorithm, num_examples=update.num_examples,
@@ -492,12 +491,7 @@ class VirtualDevice:
         if w.cfg.secagg_drop.get(self.party) == "keys":
             return
         try:
-            params, clip, cap, noise = secure_params(task.config)
-            dp = task.config.get("dp") or {}
-            values, weight, info = secure_input(
-                tensors, w.reference_for(ref.sha256), clip=clip, value_range=params.clip, num_examples=n,
-                weight_cap=cap, noise_std=noise if dp.get("mode") == "central" else 0.0, unweighted=bool(dp))
-            session = session_for(self.pc, task.round, params, values, weight)
+            session, info = open_session(self.pc, task.config, task.round, tensors, w.reference_for(ref.sha256), n)
             keys = session.start()
         except BridgeError as exc:
             w.stats.errors[exc.code] = w.stats.errors.get(exc.code, 0) + 1
