@@ -277,11 +277,11 @@ class SecureRound:
         over the fixed denominator) and the metrics to record."""
         svc = self.svc
         if svc.dp is not None:
-            mean = _states(spec, total / count)  # the unweighted mean of the (noisy) clipped deltas
+            mean = states_from_delta(spec, total / count)  # the unweighted mean of the (noisy) clipped deltas
             return svc.dp_release(r, mean, count, spec, selected, noised_by_clients=True)
         if not weight_sum > 0:
             raise SecAggAbort("bad_input", f"the masked weights sum to {weight_sum}")
-        return _states(spec, total / weight_sum), {}
+        return states_from_delta(spec, total / weight_sum), {}
 
     def _noise_std(self, quorum: int) -> float:
         dp = self.svc.dp
@@ -377,7 +377,8 @@ class SecureRound:
         svc.intake.flush_rejections()
 
 
-def _states(spec: UpdateSpec, mean_delta: np.ndarray) -> dict[str, np.ndarray]:
+def states_from_delta(spec: UpdateSpec, mean_delta: np.ndarray) -> dict[str, np.ndarray]:
+    """The full states ``reference + delta``, unflattened in :func:`layout` order (float64)."""
     out, offset = {}, 0
     for name, shape, size in layout(spec):
         out[name] = spec.reference64(name) + mean_delta[offset:offset + size].reshape(shape)

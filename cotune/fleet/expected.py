@@ -31,6 +31,8 @@ def secure_mean(work: Path, rows: list[dict], round: int, *, clip: float, weight
     """(expected global, the round's reference global, weight sum, inputs) of a secure round
     without noise: reference + sum(w_i clip(delta_i)) / sum(w_i) over the devices whose masked
     input was sent in ``round``, in float64."""
+    from aggregator.secure_round import states_from_delta
+    from aggregator.validation import UpdateSpec
     from edge_sdk.secure_upload import secure_input
 
     from .device import fake_update, num_examples_for
@@ -47,11 +49,6 @@ def secure_mean(work: Path, rows: list[dict], round: int, *, clip: float, weight
         total = values if total is None else total + values
         weight += w
         count += 1
-    mean = total / weight
-    out, ref64, off = {}, {}, 0
-    for name in sorted(ref):
-        ref64[name] = ref[name].astype(np.float64)
-        size = ref[name].size
-        out[name] = ref64[name] + mean[off:off + size].reshape(ref[name].shape)
-        off += size
-    return out, ref64, weight, count
+    spec = UpdateSpec.from_state(ref)
+    ref64 = {name: spec.reference64(name) for name in spec.names}
+    return states_from_delta(spec, total / weight), ref64, weight, count
