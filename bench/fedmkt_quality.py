@@ -110,12 +110,17 @@ def _server_ctx(bench, llm=None, slm: str | None = None):
 
 
 def run(bench) -> None:
-    from aggregator.llm import LocalLLM
-    from cotune.simulate import simulate
-
-    cfg = settings(bench)
+    cfg = bench.cfg("fedmkt", settings(bench))  # with a variant's overrides (bench --papers, --grid)
     bench.results["fedmkt_settings"] = cfg
     bench.results["fedmkt_families"] = {d: family_of(bench, d) for d in bench.domains}
+    if "slm_standalone_fedmkt" not in bench.results:  # a variant reuses the run's baseline
+        standalone(bench, cfg)
+    _run_fedmkt(bench, cfg)
+
+
+def standalone(bench, cfg: dict) -> None:
+    from cotune.simulate import simulate
+
     standalone_cfg = {"lora": SLM_LORA, "train": cfg["train"], "eval_block_size": 64}
     out = {}
     for d in bench.domains:
@@ -130,6 +135,11 @@ def run(bench) -> None:
         out.update(bench._final_slm(res))
     bench.results["slm_standalone_fedmkt"] = out
     bench.say(f"standalone SLMs (FedMKT's families and LoRA): mean test NLL {bench.mean(out):.4f}")
+
+
+def _run_fedmkt(bench, cfg: dict) -> None:
+    from aggregator.llm import LocalLLM
+    from cotune.simulate import simulate
 
     llm = LocalLLM(bench.llm_path)
     curve = []

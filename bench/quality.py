@@ -96,6 +96,68 @@ def settings(quick: bool) -> dict:
     }
 
 
+#: the papers' settings beside the adopted ones (``--papers``): one variant with every choice of
+#: the paper at once, and one per choice (the others as adopted) to see what each is worth
+PAPER_VARIANTS = {
+    "fedcollm": {"papers": {"align_base": None}},
+    "fedpt": {
+        "papers": {"align_base": None, "distill.task_weight": 0.0},
+        "no_task_ce": {"distill.task_weight": 0.0},
+    },
+    "fedmkt": {
+        "papers": {"align_base": None, "kd_tail": False, "keep_own": "task", "lambda_task": 0.9,
+                   "llm_holdout": 0.0},
+        "kd_tail_off": {"kd_tail": False},
+        "keep_own_task": {"keep_own": "task"},
+    },
+}
+
+#: the loss weights chosen on dev (``--grid``): each value a variant, the adopted one included;
+#: the choice is the lowest LLM dev NLL after the last round
+GRIDS = {
+    "fedcollm": ("distill.lambda_kd", [0.5, 1.0, 2.0]),
+    "fedmkt": ("lambda_task", [0.2, 0.5, 0.9]),
+}
+
+
+#: the NLL figures a variant keeps (the baselines' are the adopted run's)
+FIG_NLL_KEYS = ("nll_llm", "nll_slm", "nll_proxy", "nll_expert_slm", "nll_anti_expert_slm")
+
+
+def set_path(cfg: dict, path: str, value) -> None:
+    keys = path.split(".")
+    for k in keys[:-1]:
+        if not isinstance(cfg.get(k), dict):
+            raise SystemExit(f"variant: {path!r}: {k!r} is not a section of the settings")
+        cfg = cfg[k]
+    cfg[keys[-1]] = value
+
+
+def get_path(cfg: dict, path: str):
+    for k in path.split("."):
+        cfg = cfg[k]
+    return cfg
+
+
+def parse_variant(text: str) -> tuple[str, dict]:
+    """``NAME:ALGO.PATH=JSON[,ALGO.PATH=JSON...]`` (a bare word that is not JSON is a string)."""
+    name, sep, body = text.partition(":")
+    if not sep or not name or not body:
+        raise SystemExit(f"--variant {text!r}: expected NAME:ALGO.PATH=VALUE[,...]")
+    out: dict = {}
+    for item in body.split(","):
+        path, eq, raw = item.partition("=")
+        algo, dot, rest = path.strip().partition(".")
+        if not eq or not dot:
+            raise SystemExit(f"--variant {text!r}: {item!r} is not ALGO.PATH=VALUE")
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw
+        out.setdefault(algo, {})[rest] = value
+    return name, out
+
+
 class Bench:
     def __init__(self, args):
         import torch
@@ -124,7 +186,16 @@ class Bench:
         self.dev = {d: domain_split(d, "dev")[:elim] for d in self.domains}
         self.test = {d: domain_split(d, "test")[:elim] for d in self.domains}
         self.results: dict = {"settings": self.s, "domains": self.domains}
+        self.overrides: dict = {}  # algorithm -> {dotted path: value}, set by run_variant
         self.t0 = time.time()
+
+    def cfg(self, algo: str, base: dict | None = None) -> dict:
+        """The settings of ``algo`` (``base``: those built elsewhere, e.g. FedMKT's) with the
+        current variant's overrides applied (a deep copy: the adopted settings stay as they are)."""
+        cfg = json.loads(json.dumps(self.s[algo] if base is None else base))
+        for path, value in self.overrides.get(algo, {}).items():
+            set_path(cfg, path, value)
+        return cfg
 
     def say(self, msg: str) -> None:
         print(f"[quality {time.time() - self.t0:7.1f}s] {msg}", flush=True)
@@ -250,7 +321,7 @@ class Bench:
             curve.append(self.mean(self.eval_domains(m, llm.tokenizer(), "dev")))
             self.say(f"fedcollm round {r}: LLM dev NLL {curve[-1]:.4f}")
 
-        res = simulate("fedcollm", self.s["fedcollm"], self._server_ctx(llm), self._clients(), self.s["rounds"],
+        res = simulate("fedcollm", self.cfg("fedcollm"), self._server_ctx(llm), self._clients(), self.s["rounds"],
                        progress=None, after_round=after)
         self.results["slm_fedcollm"] = self._final_slm(res)
         self.results["llm_fedcollm"] = self.eval_domains(res.server.llm_with(res.state), llm.tokenizer())
@@ -264,7 +335,7 @@ class Bench:
         from cotune.simulate import simulate
 
         llm = LocalLLM(self.llm_path)
-        res = simulate("fedpt", self.s["fedpt"], self._server_ctx(llm), self._clients(), self.s["rounds"],
+        res = simulate("fedpt", self.cfg("fedpt"), self._server_ctx(llm), self._clients(), self.s["rounds"],
                        progress=None, after_round=lambda r, *_: self.say(f"fedpt round {r} done"))
         self.results["slm_fedpt"] = self._final_slm(res)
         expert = res.server.expert_with(res.state)
@@ -451,6 +522,57 @@ class Bench:
 
         fedmkt_quality.run(self)
 
+    def dev_nll(self, algo: str) -> float:
+        """The LLM's mean dev NLL at the end of ``algo``'s run (FedPT: the proxy's at the alpha
+        chosen on dev): what a grid chooses on."""
+        r = self.results
+        if algo == "fedpt":
+            return min(r["proxy_dev_by_alpha"].values())
+        return r[f"llm_{algo}_dev_curve"][-1]
+
+    def adopted_settings(self, algo: str) -> dict:
+        if algo == "fedmkt":
+            import fedmkt_quality
+
+            return fedmkt_quality.settings(self)
+        return self.s[algo]
+
+    def run_variant(self, name: str, overrides: dict) -> None:
+        """Re-run the algorithms ``overrides`` touches with its settings; the baselines are the
+        run's own. Results land in ``results["variants"][name]``."""
+        adopted, self.results = self.results, dict(self.results)
+        self.overrides = overrides
+        try:
+            out = {"overrides": overrides}
+            for algo in overrides:
+                self.say(f"variant {name}: {algo} with {overrides[algo]}")
+                getattr(self, algo)()
+                out[algo] = self.own_figures(algo)
+                self.say(f"variant {name}: {algo} {json.dumps(out[algo])}")
+        finally:
+            self.results, self.overrides = adopted, {}
+        adopted.setdefault("variants", {})[name] = out
+
+    def own_figures(self, algo: str) -> dict:
+        """``algo``'s figures without the baselines' (a variant shares those) plus its dev NLL."""
+        fig = {k: v for k, v in self.figures([algo]).items()
+               if not k.startswith("nll_") or k in FIG_NLL_KEYS}
+        fig.pop("domains", None)
+        fig.pop("rounds", None)
+        return {**fig, "dev_nll": round(self.dev_nll(algo), 4)}
+
+    def grid_choice(self, algo: str) -> dict:
+        """The grid's values with their dev NLL and test figure, and the one dev chooses."""
+        path, values = GRIDS[algo]
+        rows = {}
+        for v in values:
+            rec = self.results["variants"].get(f"{algo}_grid_{v}")
+            if rec is None:  # the adopted value
+                rec = {algo: self.own_figures(algo)}
+            rows[str(v)] = rec[algo]
+        best = min(rows, key=lambda v: rows[v]["dev_nll"])
+        return {"path": path, "by_value": rows, "chosen_on_dev": best}
+
     def ratio_ppl(self, a: str, b: str) -> float:
         ra, rb = self.results[a], self.results[b]
         return sum(ra[d]["ppl"] / rb[d]["ppl"] for d in self.domains) / len(self.domains)
@@ -478,7 +600,7 @@ class Bench:
                 "proxy_gap_closed": round((m(r["llm_zero_shot"]) - m(r["llm_proxy"])) / gap, 4),
                 "alpha": r["proxy_alpha"], "nll_proxy": round(m(r["llm_proxy"]), 4),
                 "nll_slm": round(m(r["slm_fedpt"]), 4),
-                "align_base": self.s["fedpt"].get("align_base", {}) is not None,
+                "align_base": self.cfg("fedpt").get("align_base", {}) is not None,
                 "nll_expert_slm": round(m(r["slm_fedpt_expert"]), 4),
                 "nll_anti_expert_slm": round(m(r["slm_fedpt_anti"]), 4),
                 "slm_vs_standalone": round(self.ratio_ppl("slm_fedpt", "slm_standalone"), 4),
@@ -561,6 +683,15 @@ def main() -> int:
     ap.add_argument("--no-align", action="store_true",
                     help="FedCoLLM, FedPT and FedMKT: keep the device's own SLM as base (and "
                          "FedPT's anti-expert): the papers' setting")
+    ap.add_argument("--papers", action="store_true",
+                    help="also run each algorithm at its paper's settings (all at once, and each "
+                         "choice alone) beside the adopted ones, on this run's baselines")
+    ap.add_argument("--grid", action="store_true",
+                    help="also run the loss-weight grid (FedCoLLM lambda_kd, FedMKT lambda) and "
+                         "report the value the dev split chooses")
+    ap.add_argument("--variant", action="append", default=[], metavar="NAME:ALGO.PATH=VALUE[,...]",
+                    help="an extra run of the algorithms it names with these settings changed "
+                         "(e.g. 'k32:fedmkt.k=32'); repeatable")
     ap.add_argument("--out", default="bench/results")
     ap.add_argument("--async", dest="async_", action="store_true",
                     help="with --algorithm fedavg: synchronous FedAvg vs buffered asynchronous "
@@ -603,17 +734,89 @@ def main() -> int:
         b.fedavg()
     for a in algos:
         getattr(b, a)()
+    variants = variant_plan(args, algos, b)
+    for i, (name, overrides) in enumerate(variants.items()):
+        b.say(f"variant {i + 1}/{len(variants)}: {name}")
+        b.run_variant(name, overrides)
     fig = b.figures(algos)
+    if variants:
+        fig["variants"] = {n: {a: v for a, v in rec.items() if a != "overrides"}
+                           for n, rec in b.results["variants"].items()}
+    if args.grid:
+        fig["grid"] = {a: b.grid_choice(a) for a in algos if a in GRIDS}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     tag = ("-".join(algos) + ("-quick" if args.quick else "") + ("-noalign" if args.no_align else "")
-           + ("-benchzoo" if args.zoo == "bench" else ""))
+           + ("-papers" if args.papers else "") + ("-grid" if args.grid else "")
+           + ("-variants" if args.variant else "") + ("-benchzoo" if args.zoo == "bench" else ""))
     (out / f"quality-{tag}.json").write_text(json.dumps({"figures": fig, **b.results}, indent=2, default=str))
     b.plot(out / f"quality-{tag}.png", algos)
+    if variants:
+        plot_variants(out / f"quality-{tag}-variants.png", b, algos)
     b.say(f"wrote {out / f'quality-{tag}.json'} and .png")
     fig["zoo"] = b.zoo.name  # the models the figures came from (recipe, key, checkpoint hashes)
     print("BENCH quality " + json.dumps(fig), flush=True)
     return 0
+
+
+def variant_plan(args, algos: list[str], b: Bench) -> dict:
+    """name -> {algorithm: {dotted path: value}} for --papers, --grid and --variant (a grid
+    value equal to the adopted one is the adopted run itself)."""
+    plan: dict = {}
+    if args.papers:
+        for a in algos:
+            for name, ov in PAPER_VARIANTS.get(a, {}).items():
+                plan[f"{a}_{name}"] = {a: ov}
+    if args.grid:
+        for a in algos:
+            if a in GRIDS:
+                path, values = GRIDS[a]
+                adopted = get_path(b.adopted_settings(a), path)
+                for v in values:
+                    if v == adopted:
+                        continue
+                    plan[f"{a}_grid_{v}"] = {a: {path: v}}
+    for text in args.variant:
+        name, ov = parse_variant(text)
+        unknown = set(ov) - set(algos)
+        if unknown:
+            raise SystemExit(f"--variant {name}: {sorted(unknown)} not in --algorithm")
+        plan[name] = ov
+    return plan
+
+
+#: the headline figure of each algorithm, for the variants' plot
+HEADLINE = {"fedcollm": "llm_gap_closed", "fedpt": "proxy_gap_closed", "fedmkt": "llm_gap_closed"}
+
+
+def plot_variants(path: Path, b: Bench, algos: list[str]) -> None:
+    """One panel per algorithm: the headline figure of the adopted settings and of each variant."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    algos = [a for a in algos if a in HEADLINE]
+    fig_all = b.figures(algos)
+    fig, axes = plt.subplots(1, len(algos), figsize=(4.5 * len(algos), 4), squeeze=False)
+    for ax, a in zip(axes[0], algos, strict=True):
+        own = fig_all.get(a, fig_all)
+        labels, vals = ["adopted"], [own[HEADLINE[a]]]
+        for name, rec in b.results.get("variants", {}).items():
+            if a in rec.get("overrides", {}):
+                labels.append(name.removeprefix(a + "_"))
+                vals.append(rec[a][HEADLINE[a]])
+        ax.barh(labels, vals, color=["C0"] + ["C1"] * (len(vals) - 1))
+        for y, v in enumerate(vals):
+            ax.text(v, y, f" {v:.3f}", va="center", fontsize=8)
+        ax.set_title(f"{a}: {HEADLINE[a]}")
+        ax.invert_yaxis()
+    fig.suptitle("adopted settings vs the papers' (same baselines, same run)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def run_dp(args) -> int:
