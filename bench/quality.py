@@ -175,9 +175,9 @@ class Bench:
                 self.s[algo]["align_base"] = None
         if getattr(args, "llm_teacher", None):
             self.s["fedcollm"]["llm_teacher"] = args.llm_teacher
-        from algorithms.zoo.recipes import RECIPES
+        from algorithms.zoo.recipes import recipe_named
 
-        self.zoo = build_zoo(recipe=RECIPES[getattr(args, "zoo", "full")], progress=True)
+        self.zoo = build_zoo(recipe=recipe_named(getattr(args, "zoo", "full")), progress=True)
         self.slm_path, self.llm_path = str(self.zoo["slm-llama"]), str(self.zoo["llm"])
         self.domains = self.s["domains"] or domains()
         lim, elim = self.s["private_limit"], self.s["eval_limit"]
@@ -670,7 +670,7 @@ def main() -> int:
     ap.add_argument("--algorithm", default="fedcollm,fedpt",
                     help="comma-separated: fedcollm, fedpt, fedbiot, fedmkt; or fedavg with --async")
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--zoo", default="full", choices=["full", "bench"],
+    ap.add_argument("--zoo", default="full", choices=["full", "bench", "full-repro", "bench-repro"],
                     help="the model zoo: full (default) or bench (`cotune zoo build --recipe bench`: a "
                          "10-layer LLM clearly stronger than its SLMs)")
     ap.add_argument("--rounds", type=int, default=None)
@@ -748,7 +748,7 @@ def main() -> int:
     out.mkdir(parents=True, exist_ok=True)
     tag = ("-".join(algos) + ("-quick" if args.quick else "") + ("-noalign" if args.no_align else "")
            + ("-papers" if args.papers else "") + ("-grid" if args.grid else "")
-           + ("-variants" if args.variant else "") + ("-benchzoo" if args.zoo == "bench" else ""))
+           + ("-variants" if args.variant else "") + ("" if args.zoo == "full" else f"-{args.zoo}zoo"))
     (out / f"quality-{tag}.json").write_text(json.dumps({"figures": fig, **b.results}, indent=2, default=str))
     b.plot(out / f"quality-{tag}.png", algos)
     if variants:

@@ -245,3 +245,103 @@ def test_cached_zoo_is_verified_against_its_recorded_hashes(zoo, tmp_path):
     weights.write_bytes(bytes(data))
     with pytest.raises(ZooError, match="slm-gpt2/model.safetensors does not match"):
         verify_zoo(copy, paths.manifest)
+
+
+# -- reproducible builds ----------------------------------------------------------------------
+
+def _tiny_repro(branch: str):
+    """The quick recipe with a few hundred tokens per model, built reproducibly."""
+    import dataclasses
+
+    from algorithms.zoo import QUICK
+
+    models = tuple(dataclasses.replace(m, train_tokens=2048) for m in QUICK.models)
+    tiny = dataclasses.replace(QUICK, name="tiny", models=models, doc_stride=40)
+    return tiny.reproducible_variant(branch)
+
+
+def _can_build_reproducibly() -> bool:
+    import platform
+
+    import torch
+
+    return platform.machine().lower() in ("x86_64", "amd64") and (
+        torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512"))
+
+
+needs_avx2 = pytest.mark.skipif(not _can_build_reproducibly(), reason="reproducible builds run the x86-64 AVX2 kernels")
+
+
+@needs_avx2
+def test_reproducible_build_is_bitwise_the_same_under_another_hosts_settings(tmp_path, monkeypatch):
+    """Two builds of a reproducible recipe, the second under the environment of a host that
+    would pick other kernels (AVX-512 ATen kernels, MKL's automatic branch and dynamic
+    threads, two OpenMP threads): the same checkpoints, bitwise, and the manifest says which
+    kernels trained them."""
+    recipe = _tiny_repro("avx2")
+    a = build_zoo(cache_dir=tmp_path / "a", recipe=recipe, progress=False)
+    for var, value in {"ATEN_CPU_CAPABILITY": "avx512", "MKL_CBWR": "AUTO", "MKL_DYNAMIC": "TRUE",
+                       "ONEDNN_MAX_CPU_ISA": "ALL", "OMP_NUM_THREADS": "2", "MKL_NUM_THREADS": "2"}.items():
+        monkeypatch.setenv(var, value)
+    b = build_zoo(cache_dir=tmp_path / "b", recipe=recipe, progress=False)
+    assert a.name.startswith("tiny-repro-") and a.key == b.key
+    assert a.manifest["models"] == b.manifest["models"] or _only_timings_differ(a.manifest, b.manifest)
+    assert a.digest == b.digest
+    for m in MODEL_NAMES:
+        k = a.manifest["kernels"]["by_model"][m]
+        assert k == {"cpu_capability": "AVX2", "threads": 1, "deterministic": True, "bf16_autocast": False}
+    assert a.manifest["kernels"]["env"]["MKL_CBWR"] == "AVX2"
+
+
+def _only_timings_differ(x: dict, y: dict) -> bool:
+    def strip(man):
+        out = json.loads(json.dumps(man["models"]))
+        for m in out.values():
+            m.pop("build_seconds", None)
+            for k in ("seconds", "tokens_per_s"):
+                m["pretrain"].pop(k, None)
+        return out
+
+    return strip(x) == strip(y)
+
+
+#: A reproducible build of the tiny recipe ("compatible": MKL's vendor-neutral branch), made on
+#: the machine these figures were recorded on; any x86-64 machine with AVX2 and these library
+#: versions must build the same checkpoints (the CI machine is such another machine).
+REFERENCE_TINY = {
+    "versions": {"torch": "2.13.0", "transformers": "5.25.0", "tokenizers": "0.23.3"},
+    "digest": "5f43fd12c022977d612c35a34d5f9898e7f710814899501798c49e5eeda310ff",
+}
+
+
+@needs_avx2
+def test_reproducible_build_matches_the_recorded_digest(tmp_path):
+    recipe = _tiny_repro("compatible")
+    z = build_zoo(cache_dir=tmp_path, recipe=recipe, progress=False)
+    versions = {k: z.manifest["versions"][k].split("+")[0] for k in REFERENCE_TINY["versions"]}
+    if versions != REFERENCE_TINY["versions"]:
+        pytest.skip(f"the reference was built with {REFERENCE_TINY['versions']}, this is {versions}")
+    assert z.digest == REFERENCE_TINY["digest"], (
+        f"a reproducible build here gives {z.digest}, the recorded one {REFERENCE_TINY['digest']}: "
+        f"the kernels pinned by {z.manifest['kernels']['env']} did not hold")
+
+
+def test_reproducible_recipe_rules():
+    from algorithms.zoo.build import kernel_env, recipe_key
+    from algorithms.zoo.recipes import BENCH, recipe_named
+
+    r = BENCH.reproducible_variant()
+    assert (r.name, r.reproducible, r.bf16_autocast) == ("bench-repro", "avx2", False)
+    assert recipe_named("bench-repro") == r and recipe_named("bench") is BENCH
+    assert recipe_key(r) != recipe_key(BENCH)
+    assert "reproducible" not in BENCH.to_json()  # the host-kernel zoos keep their cache keys
+    assert kernel_env(BENCH) == {}
+    assert kernel_env(BENCH.reproducible_variant("compatible"))["MKL_CBWR"] == "COMPATIBLE"
+    with pytest.raises(ValueError, match="fp32"):
+        import dataclasses
+
+        dataclasses.replace(BENCH, reproducible="avx2")
+    with pytest.raises(ValueError, match="one of"):
+        BENCH.reproducible_variant("avx512")
+    with pytest.raises(KeyError, match="-repro"):
+        recipe_named("nope")

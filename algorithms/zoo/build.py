@@ -244,7 +244,38 @@ def _schedule(recipe: ZooRecipe) -> list[list[str]]:
     return [lane for lane in lanes if lane]
 
 
-def _run_lane(names: list[str], jobs: dict[str, dict], progress: bool) -> None:
+def kernel_env(recipe: ZooRecipe) -> dict[str, str]:
+    """Environment that holds a worker to the recipe's kernel branch (empty: the host's own).
+    Read by the libraries when they load, so it only works for a fresh process."""
+    if recipe.reproducible is None:
+        return {}
+    return {
+        "ATEN_CPU_CAPABILITY": "avx2",  # torch's own vectorised kernels (softmax, norms, AdamW)
+        "ONEDNN_MAX_CPU_ISA": "AVX2",
+        "MKL_CBWR": "AVX2" if recipe.reproducible == "avx2" else "COMPATIBLE",
+        "MKL_DYNAMIC": "FALSE",  # MKL may otherwise use fewer threads than asked: other sums
+        "OMP_DYNAMIC": "FALSE",
+    }
+
+
+def check_reproducible_host(recipe: ZooRecipe) -> None:
+    """ZooError unless this CPU can run the recipe's pinned kernel branch."""
+    if recipe.reproducible is None:
+        return
+    import platform
+
+    import torch
+
+    machine = platform.machine().lower()
+    capability = torch.backends.cpu.get_cpu_capability()
+    if machine not in ("x86_64", "amd64") or capability not in ("AVX2", "AVX512"):
+        raise ZooError(f"a reproducible build ({recipe.reproducible!r}) runs the x86-64 AVX2 kernels; "
+                       f"this CPU is {machine} with {capability}: build the recipe without "
+                       "reproducible (its checkpoints are then this machine's own)")
+
+
+def _run_lane(names: list[str], jobs: dict[str, dict], progress: bool,
+              extra_env: dict[str, str] | None = None) -> None:
     """Train the models of one lane one after another, each in a fresh worker process."""
     root = str(Path(__file__).resolve().parents[2])
     env = dict(os.environ)
@@ -252,6 +283,7 @@ def _run_lane(names: list[str], jobs: dict[str, dict], progress: bool) -> None:
     for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
         env[var] = str(jobs[names[0]]["threads"])
     env["TOKENIZERS_PARALLELISM"] = "false"
+    env.update(extra_env or {})
     for name in names:
         job = jobs[name]
         proc = subprocess.Popen(
@@ -324,7 +356,8 @@ def _build(out: Path, recipe: ZooRecipe, key: str, log, progress: bool) -> dict:
 
     lanes = _schedule(recipe)
     log(f"training in {len(lanes)} lane(s): " + " | ".join(", ".join(lane) for lane in lanes))
-    if len(lanes) == 1:  # in this process: no interpreter start-up, same code path
+    check_reproducible_host(recipe)
+    if len(lanes) == 1 and recipe.reproducible is None:  # in this process: no interpreter start-up
         with _build_environment(recipe.threads_per_lane):
             for name in lanes[0]:
                 report = train_one(jobs[name])
@@ -334,7 +367,7 @@ def _build(out: Path, recipe: ZooRecipe, key: str, log, progress: bool) -> dict:
 
         def run(lane: list[str]) -> None:
             try:
-                _run_lane(lane, jobs, progress)
+                _run_lane(lane, jobs, progress, kernel_env(recipe))
             except BaseException as exc:  # re-raised in the calling thread below
                 errors.append(exc)
 
@@ -347,8 +380,10 @@ def _build(out: Path, recipe: ZooRecipe, key: str, log, progress: bool) -> dict:
             raise errors[0]
 
     models: dict[str, dict] = {}
+    kernels: dict[str, dict] = {}
     for spec in recipe.models:
         report = json.loads(Path(jobs[spec.name]["result"]).read_text())
+        kernels[spec.name] = report.pop("kernels", {})
         report["tokenizer_style"] = tok_info[spec.tokenizer]["style"]
         target = out / spec.name
         report["files"] = {p.name: _sha256(p) for p in sorted(target.iterdir()) if p.is_file()}
@@ -366,6 +401,8 @@ def _build(out: Path, recipe: ZooRecipe, key: str, log, progress: bool) -> dict:
         "tokenizers": tok_info,
         "models": models,
         "lanes": lanes,
+        # what each model trained on: the kernel branch, the environment that pinned it
+        "kernels": {"reproducible": recipe.reproducible, "env": kernel_env(recipe), "by_model": kernels},
         "eval_texts": {
             "general_test_samples": len(texts["eval_general"]),
             "domains_test_samples": len(texts["eval_domains"]),

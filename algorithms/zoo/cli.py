@@ -7,7 +7,7 @@ import json
 import sys
 
 from .build import ZooError, build_zoo, default_cache_dir
-from .recipes import MODEL_NAMES, RECIPES
+from .recipes import MODEL_NAMES, QUICK, RECIPES, REPRODUCIBLE_BRANCHES
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -18,6 +18,11 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--recipe", choices=sorted(RECIPES), default=None,
                    help="which zoo: full (default; the demo and benchmarks), quick (tests), bench (a "
                         "10-layer LLM clearly stronger than its SLMs, for the quality benchmarks; ~45 min)")
+    b.add_argument("--reproducible", nargs="?", const="avx2", choices=REPRODUCIBLE_BRANCHES, default=None,
+                   help="pin the kernels so that any machine with the same library versions builds "
+                        "bitwise the same checkpoints (fp32, slower; 'avx2': Intel CPUs with AVX2, the "
+                        "default; 'compatible': any x86-64 CPU with AVX2). The zoo is named "
+                        "<recipe>-repro and cached apart")
     b.add_argument(
         "--cache-dir",
         default=None,
@@ -53,6 +58,8 @@ def zoo_cli(args: list[str]) -> int:
     ns = _parser().parse_args(args)
     try:
         recipe = RECIPES[ns.recipe] if ns.recipe else None
+        if ns.reproducible:
+            recipe = (recipe or (QUICK if ns.quick else RECIPES["full"])).reproducible_variant(ns.reproducible)
         paths = build_zoo(cache_dir=ns.cache_dir, quick=ns.quick, progress=not ns.quiet, recipe=recipe)
     except (ZooError, OSError) as exc:
         print(f"cotune zoo: {exc}", file=sys.stderr)

@@ -13,6 +13,17 @@ from dataclasses import dataclass, field
 ZOO_VERSION = 1
 MODEL_NAMES = ("llm", "slm-llama", "slm-gpt2")
 
+#: reproducible builds (``ZooRecipe.reproducible``): the kernel branch every build machine is
+#: held to, so that the checkpoints are bitwise the same on any machine with the same library
+#: versions. The host's fastest kernels (AVX-512, AMX bf16) round differently from an AVX2-only
+#: CPU: the same commit built elsewhere gave domain losses 0.07 nats apart.
+#: - "avx2": ATen, oneDNN and MKL on their AVX2 code paths (MKL's conditional numerical
+#:   reproducibility, ``MKL_CBWR=AVX2``): any Intel CPU with AVX2; fp32, 1.3x the host's fp32
+#:   step time and 2x its bf16 step time (measured on the bench LLM).
+#: - "compatible": the same with MKL's vendor-neutral SSE2 branch (``MKL_CBWR=COMPATIBLE``):
+#:   any x86-64 CPU with AVX2, Intel or AMD, 2.2x slower than "avx2" in the matrix products.
+REPRODUCIBLE_BRANCHES = ("avx2", "compatible")
+
 
 @dataclass(frozen=True)
 class TokenizerSpec:
@@ -58,9 +69,29 @@ class ZooRecipe:
     bf16_autocast: bool = True
     version: int = ZOO_VERSION
     extra: dict = field(default_factory=dict)
+    #: None: the host's fastest kernels (not reproducible across CPUs); or one of
+    #: REPRODUCIBLE_BRANCHES: pinned kernels, fp32, every model in a fresh worker process
+    reproducible: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.reproducible is not None:
+            if self.reproducible not in REPRODUCIBLE_BRANCHES:
+                raise ValueError(f"reproducible must be None or one of {REPRODUCIBLE_BRANCHES}, "
+                                 f"got {self.reproducible!r}")
+            if self.bf16_autocast:
+                raise ValueError("a reproducible recipe trains in fp32: bf16 kernels differ by CPU "
+                                 "(AMX, AVX512-BF16 or emulated); use ZooRecipe.reproducible_variant()")
 
     def to_json(self) -> dict:
-        return dataclasses.asdict(self)
+        data = dataclasses.asdict(self)
+        if data["reproducible"] is None:  # the keys (and caches) of the host-kernel recipes stay valid
+            del data["reproducible"]
+        return data
+
+    def reproducible_variant(self, branch: str = "avx2") -> ZooRecipe:
+        """This recipe built reproducibly: named ``<name>-repro``, its own cache key."""
+        return dataclasses.replace(self, name=f"{self.name}-repro", reproducible=branch,
+                                   bf16_autocast=False)
 
     @classmethod
     def from_json(cls, data: dict) -> ZooRecipe:
@@ -150,3 +181,12 @@ BENCH = ZooRecipe(
 )  # fmt: skip
 
 RECIPES = {"full": FULL, "quick": QUICK, "bench": BENCH}
+
+
+def recipe_named(name: str) -> ZooRecipe:
+    """A recipe by name; ``<name>-repro`` is its reproducible variant (branch "avx2")."""
+    base = name.removesuffix("-repro")
+    if base not in RECIPES:
+        raise KeyError(f"unknown zoo recipe {name!r}; choose one of {sorted(RECIPES)}, each with "
+                       "an optional -repro suffix")
+    return RECIPES[base].reproducible_variant() if name.endswith("-repro") else RECIPES[base]

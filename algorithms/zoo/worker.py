@@ -53,6 +53,7 @@ def train_one(job: dict) -> dict:
         if progress:
             print(f"[zoo {time.time() - t0:6.1f}s] {msg}", file=sys.stderr, flush=True)
 
+    kernels = _kernels(recipe)
     start = time.perf_counter()
     texts = corpora(recipe)
     tok = AutoTokenizer.from_pretrained(job["tokenizer_dir"])
@@ -90,6 +91,28 @@ def train_one(job: dict) -> dict:
             "domains_test": domain,
         },
         "build_seconds": round(seconds, 1),
+        "kernels": kernels,
+    }
+
+
+def _kernels(recipe: ZooRecipe) -> dict:
+    """Hold this process to the recipe's kernels (deterministic algorithms; the CPU branch
+    comes from the environment the build set) and say which ones it runs."""
+    import torch
+
+    capability = torch.backends.cpu.get_cpu_capability()
+    if recipe.reproducible is not None:
+        torch.use_deterministic_algorithms(True)
+        if capability != "AVX2":
+            from .build import ZooError
+
+            raise ZooError(f"reproducible build: torch runs its {capability} kernels, not AVX2; "
+                           "the worker must start with ATEN_CPU_CAPABILITY=avx2 (build_zoo sets it)")
+    return {
+        "cpu_capability": capability,
+        "threads": torch.get_num_threads(),
+        "deterministic": torch.are_deterministic_algorithms_enabled(),
+        "bf16_autocast": recipe.bf16_autocast,
     }
 
 
