@@ -148,10 +148,11 @@ class RoundIngest:
     # -- the per-update path -------------------------------------------------------------
     def accept(self, client: str, update: ValidatedUpdate, *, weight: float, num_examples: int,
                update_digest: str | None, metrics: Mapping[str, Any],
-               fold: Mapping[str, Any] | None = None) -> str:
+               fold: Mapping[str, Any] | None = None, tensor_bytes: bytes | None = None) -> str:
         """Fold and log one update (not yet durable: see :meth:`sync`); returns its digest.
         ``update_digest`` None: the digest of the tensors as logged (one serialisation serves
-        both). Raises :class:`InvalidUpdate` without changing anything when it cannot be
+        both). ``tensor_bytes``: a safetensors file of exactly ``update.tensors`` (the blob as
+        received) to log instead of serialising them again. Raises :class:`InvalidUpdate` without changing anything when it cannot be
         counted."""
         self.book.check(client)
         if isinstance(num_examples, bool) or not isinstance(num_examples, int) or num_examples <= 0:
@@ -159,7 +160,8 @@ class RoundIngest:
                                 client=client)
         fold = dict(fold or {})  # extra arguments of the rule's add (a buffer's staleness)
         self.agg.add(client, update.tensors, weight=weight, **fold)  # checks everything before it folds
-        tensor_bytes = safetensors.numpy.save(_contiguous(update.tensors))
+        if tensor_bytes is None:
+            tensor_bytes = safetensors.numpy.save(_contiguous(update.tensors))
         if update_digest is None:
             update_digest = hashlib.sha256(tensor_bytes).hexdigest()
         rec = LogRecord(self.round, client, float(weight), int(num_examples), update_digest, self.clock(),

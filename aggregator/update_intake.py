@@ -33,6 +33,13 @@ from .validation import UpdateSpec
 log = logging.getLogger("cotune.aggregator")
 
 
+def _as_parsed(checked, parsed: dict) -> bool:
+    """Validation passed the parsed tensors through: not clipped, same names and dtypes (a
+    reinterpreted wire dtype would log other bytes than the ones folded)."""
+    return not checked.clipped and checked.tensors.keys() == parsed.keys() and all(
+        a.dtype == parsed[n].dtype and a.shape == parsed[n].shape for n, a in checked.tensors.items())
+
+
 def event(kind: str, **fields) -> None:
     """Structured log line: one JSON object per event."""
     log.info(json.dumps({"event": kind, **fields}, default=str, sort_keys=True))
@@ -148,17 +155,24 @@ class UpdateIntake:
                 self.reject(r, client, "transport", str(exc), ingest)
                 continue
             try:
-                tensors = unpack_state(res.read())
+                data = res.read()
+                tensors = unpack_state(data)
             except Exception as exc:
                 self.reject(r, client, "names", f"update blob is not a tensor file: {exc}", ingest)
                 continue
             finally:
                 res.discard()
-            self.ingest(r, client, upd, tensors, ingest, spec, bytes_at_start)
+            # the blob as received (its SHA-256 checked against the reference) can be the log's
+            # copy of the update when validation leaves the tensors as they came
+            self.ingest(r, client, upd, tensors, ingest, spec, bytes_at_start, raw=(data, ref.sha256))
 
     def ingest(self, r: int, client: str, upd: Update, tensors: dict, ingest: RoundIngest, spec: UpdateSpec,
-                bytes_at_start: dict) -> None:
+                bytes_at_start: dict, raw: tuple[bytes, str] | None = None) -> None:
+        """Validate, weigh, fold and log one update. ``raw``: the safetensors bytes the tensors
+        were parsed from and their verified SHA-256; logged as they are (no second
+        serialisation, no second hash) when validation returned the parsed tensors unchanged."""
         started = time.perf_counter()
+        tensor_bytes = None
         try:
             fold: dict = {}
             if self.mode is not None:  # buffered rounds: a delta against the version it trained on
@@ -172,11 +186,13 @@ class UpdateIntake:
                                        max_norm=self.cfg.max_norm, clip=self.cfg.clip)
                 weight = self.algorithm.update_weight(upd.metrics, self.capped_examples(upd.num_examples))
                 digest = None  # computed from the bytes the log writes anyway
+                if raw is not None and _as_parsed(checked, tensors):
+                    tensor_bytes, digest = raw
             metrics = {**upd.metrics, "num_examples": upd.num_examples, "norm": checked.norm,
                        "clipped": checked.clipped, **fold,
                        "bytes_up": self.endpoint.bytes_from[client] - bytes_at_start.get(client, 0)}
             ingest.accept(client, checked, weight=weight, num_examples=upd.num_examples,
-                          update_digest=digest, metrics=metrics, fold=fold)
+                          update_digest=digest, metrics=metrics, fold=fold, tensor_bytes=tensor_bytes)
         except InvalidUpdate as exc:
             self.reject(r, client, exc.reason, str(exc), ingest)
             return

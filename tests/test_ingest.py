@@ -174,6 +174,45 @@ def test_group_commit_checkpoints_in_batches_and_restart_replays_the_log(tmp_pat
     store.close()
 
 
+def test_the_blob_as_received_is_logged_and_replayed_as_the_update(tmp_path: Path) -> None:
+    """The wire path logs the received safetensors bytes (with the sender's own metadata
+    header) and their verified SHA-256 instead of serialising the update again: a restart
+    folds exactly those tensors, and the digest in the ledger is the blob's."""
+    import hashlib
+
+    import safetensors.numpy as stn
+
+    from aggregator.update_intake import _as_parsed
+
+    clients = ["c000", "c001"]
+    store = _new_round(tmp_path, clients)
+    ing = _ingest(store, tmp_path, checkpoint_every=100, checkpoint_interval_s=3600)
+    raw = stn.save(client_update(0), metadata={"sender": "whatever it likes"})
+    parsed = stn.load(raw)
+    checked = ValidatedUpdate(parsed, 1.0, False)
+    assert _as_parsed(checked, parsed)
+    digest = hashlib.sha256(raw).hexdigest()
+    assert ing.accept("c000", checked, weight=1.0, num_examples=1, update_digest=digest, metrics={},
+                      tensor_bytes=raw) == digest
+    ing.sync()
+    store.close()  # crash before any checkpoint: only the log holds it
+    assert [r.update_digest for r in IngestLog.replay(tmp_path / "wal", 1)] == [digest]
+
+    store = StateStore(tmp_path / "state.db")
+    ing = _ingest(store, tmp_path, checkpoint_every=100, checkpoint_interval_s=3600)
+    assert ing.replayed == 1
+    got = ing.agg.result(cast=False)
+    for n, arr in client_update(0).items():
+        np.testing.assert_array_equal(got[n], arr.astype(np.float64))
+    ing.discard()
+    store.close()
+    # anything validation changed is serialised again: the log must hold what was folded
+    assert not _as_parsed(ValidatedUpdate(parsed, 1.0, True), parsed)  # clipped
+    f16 = {n: a.astype(np.float16) for n, a in parsed.items()}
+    assert not _as_parsed(ValidatedUpdate(f16, 1.0, False), parsed)  # another dtype
+    assert not _as_parsed(ValidatedUpdate({"a": parsed["a"]}, 1.0, False), parsed)
+
+
 CHILD = f"""
 import sys, random, time
 sys.path.insert(0, {str(REPO)!r})
