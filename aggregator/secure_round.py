@@ -50,7 +50,7 @@ from typing import Any
 
 import numpy as np
 
-from algorithms.base import State, unpack_state
+from algorithms.base import State
 from bridge.errors import BridgeError
 from bridge.messages import (
     Note,
@@ -66,7 +66,7 @@ from bridge.secagg_session import secure_task_config, value_range
 
 from .errors import AggregatorError
 from .state import AcceptRecord
-from .update_intake import event
+from .update_intake import BlobWaiter, event
 from .validation import UpdateSpec
 
 log = logging.getLogger("cotune.aggregator")
@@ -323,7 +323,7 @@ class SecureRound:
     def _collect_masked(self, r: int, server: SecAggServer, expected: set[str], deadline: float,
                         records: dict[str, AcceptRecord]) -> None:
         svc, ep = self.svc, self.svc.endpoint
-        awaiting: dict[str, tuple[Update, Any]] = {}
+        blobs = BlobWaiter(ep)
         bytes_at_start = dict(ep.bytes_from)
 
         def take(c: str, upd: Update, tensors: Mapping[str, np.ndarray]) -> None:
@@ -344,8 +344,8 @@ class SecureRound:
                 event("accepted", round=r, client=c, num_examples=upd.num_examples, masked=True)
 
         waiting = set(expected)
-        while (waiting or awaiting) and time.time() < deadline and not svc.stopping():
-            inbound = ep.recv(timeout=0.1 if awaiting else min(0.25, max(0.0, deadline - time.time())))
+        while (waiting or blobs) and time.time() < deadline and not svc.stopping():
+            inbound = ep.recv(timeout=0.1 if blobs else min(0.25, max(0.0, deadline - time.time())))
             if inbound is not None:
                 msg, c = inbound.message, inbound.sender
                 if isinstance(msg, Update) and msg.round == r and c in waiting:
@@ -353,27 +353,19 @@ class SecureRound:
                     if msg.tensors:
                         take(c, msg, msg.tensors)
                     elif "update" in msg.blobs:
-                        ref = msg.blob("update")
-                        ep.want_blob(ref, c, round=r)
-                        awaiting[c] = (msg, ref)
+                        blobs.want(r, c, msg, msg.blob("update"))
                     else:
                         svc.intake.reject(r, c, "secagg", "masked update carries neither tensors nor a blob")
                 elif isinstance(msg, (SecAggKeys, SecAggShares, SecAggReveal, Update)):
                     event("secagg_out_of_step", round=r, client=c, type=msg.TYPE)
                 else:
                     svc.on_other(inbound)
-            for c in [c for c, (_, ref) in awaiting.items() if ep.blob_done(ref, c)]:
-                upd, ref = awaiting.pop(c)
-                try:
-                    res = ep.take_blob(ref, c)
-                    tensors = unpack_state(res.read())
-                    res.discard()
-                except Exception as exc:  # noqa: BLE001 - any bad blob is one client's problem
-                    svc.intake.reject(r, c, "secagg", f"masked update blob: {exc}")
-                    continue
-                take(c, upd, tensors)
-        for c, (_, ref) in awaiting.items():
-            ep.drop_blob(ref, c)
+            for t in blobs.take_completed():
+                if t.error is not None:
+                    svc.intake.reject(r, t.client, "secagg", f"masked update blob: {t.error[1]}")
+                else:
+                    take(t.client, t.update, t.tensors)
+        blobs.drop_all()
         svc.intake.flush_rejections()
 
 

@@ -14,10 +14,12 @@ import logging
 import math
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 from algorithms.base import AlgorithmError, unpack_state
+from bridge.blobs import BlobRef
 from bridge.endpoint import Endpoint, Inbound
 from bridge.errors import BridgeError
 from bridge.messages import ErrorReport, Note, Update
@@ -31,6 +33,65 @@ from .state import EventRecord
 from .validation import UpdateSpec
 
 log = logging.getLogger("cotune.aggregator")
+
+
+@dataclass
+class TakenBlob:
+    """An update whose blob completed: its parsed tensors and the bytes they came from (with
+    their verified SHA-256), or why it could not be used (``error``: reason, detail)."""
+
+    client: str
+    update: Update
+    tensors: dict | None = None
+    raw: tuple[bytes, str] | None = None
+    error: tuple[str, str] | None = None
+
+
+class BlobWaiter:
+    """The update blobs asked for and not yet taken, one per client: a round's intake (and a
+    secure round's masked step) takes each once it is complete, never waiting on one sender."""
+
+    def __init__(self, endpoint: Endpoint) -> None:
+        self.endpoint = endpoint
+        self.waiting: dict[str, tuple[Update, BlobRef, float]] = {}
+
+    def __len__(self) -> int:
+        return len(self.waiting)
+
+    def want(self, r: int, client: str, upd: Update, ref: BlobRef) -> None:
+        """Ask for ``client``'s blob; a different blob it asked for before is given up."""
+        previous = self.waiting.pop(client, None)
+        if previous is not None and previous[1].sha256 != ref.sha256:
+            self.endpoint.drop_blob(previous[1], client)
+        self.endpoint.want_blob(ref, client, round=r)
+        self.waiting[client] = (upd, ref, time.time())
+
+    def take_completed(self) -> Iterator[TakenBlob]:
+        """Each blob that completed since the last call, parsed (its parts deleted either way)."""
+        for client in [c for c, (_, ref, _) in self.waiting.items() if self.endpoint.blob_done(ref, c)]:
+            upd, ref, _ = self.waiting.pop(client)
+            try:
+                res = self.endpoint.take_blob(ref, client)
+            except BridgeError as exc:
+                yield TakenBlob(client, upd, error=("transport", str(exc)))
+                continue
+            try:
+                data = res.read()
+                tensors = unpack_state(data)
+            except Exception as exc:  # noqa: BLE001 - any bad blob is one client's problem
+                yield TakenBlob(client, upd, error=("names", f"update blob is not a tensor file: {exc}"))
+                continue
+            finally:
+                res.discard()
+            yield TakenBlob(client, upd, tensors, (data, ref.sha256))
+
+    def drop_all(self) -> list[str]:
+        """Give up every blob still awaited (the step closed); returns their senders."""
+        clients = list(self.waiting)
+        for client, (_upd, ref, _) in self.waiting.items():
+            self.endpoint.drop_blob(ref, client)
+        self.waiting = {}
+        return clients
 
 
 def _as_parsed(checked, parsed: dict) -> bool:
@@ -67,7 +128,7 @@ class UpdateIntake:
         #: client-level DP (aggregator/dp.py): clipped updates, unit weights; None when off
         self.dp = ServerDP.build(getattr(cfg, "dp", None), algorithm=cfg.algorithm, rule=rule,
                                  fraction=cfg.fraction, rounds=cfg.rounds, mode=cfg.mode)
-        self.awaiting: dict[str, tuple[Update, Any, float]] = {}
+        self.blobs = BlobWaiter(endpoint)
         self.rejections: list[tuple[int, str, str, str]] = []
         #: (round, sender, reason) -> [frames, first at, last at, first detail]
         self.wire_rejections: dict[tuple, list] = {}
@@ -82,7 +143,7 @@ class UpdateIntake:
         deadline passed or ``until()`` says so. Each loop pass handles one message, hands over
         blobs that completed, and commits the log when the inbox ran dry or the batch is full
         (group commit), acknowledging that batch."""
-        self.awaiting = {}
+        self.blobs.drop_all()
         self.book = ingest.book  # the status page's live counts (the ledger lags by a checkpoint)
         while not self.stop.is_set():
             if close_when_complete and ingest.book.pending_count == 0:
@@ -93,15 +154,15 @@ class UpdateIntake:
             if now >= deadline:
                 _event("deadline", round=r, pending=len(ingest.book.pending()))
                 break
-            wait = 0.0 if ingest.log.unsynced else min(0.25 if self.awaiting else 0.5, deadline - now)
+            wait = 0.0 if ingest.log.unsynced else min(0.25 if self.blobs else 0.5, deadline - now)
             inbound = self.endpoint.recv(timeout=wait) if wait > 0 else self.endpoint.recv_nowait()
             if inbound is not None:
                 if isinstance(inbound.message, Update):
                     self.on_update(r, inbound.sender, inbound.message, ingest, spec, bytes_at_start)
                 else:
                     self.on_other(inbound)
-            if self.awaiting:
-                self.take_blobs(r, ingest, spec, deadline, bytes_at_start)
+            if self.blobs:
+                self.take_blobs(r, ingest, spec, bytes_at_start)
             idle = inbound is None or self.endpoint.inbox_size() == 0
             if ingest.sync_due(idle):
                 self.acknowledge(r, ingest.sync())
@@ -110,12 +171,10 @@ class UpdateIntake:
             if self.flush_due(idle):
                 self.flush_rejections()
         self.acknowledge(r, ingest.sync())
-        for client, (_upd, ref, _) in self.awaiting.items():
-            self.endpoint.drop_blob(ref, client)
+        for client in self.blobs.drop_all():
             if not self.stop.is_set():
                 self.reject(r, client, "transport", "the update blob did not arrive before the round closed",
                              ingest)
-        self.awaiting = {}
 
     def on_update(self, r: int, client: str, upd: Update, ingest: RoundIngest, spec: UpdateSpec,
                    bytes_at_start: dict) -> None:
@@ -132,39 +191,22 @@ class UpdateIntake:
                 if "update" not in upd.blobs:
                     raise InvalidUpdate("names", "update carries neither inline tensors nor an 'update' blob",
                                         client=client)
-                ref = upd.blob("update")
-                previous = self.awaiting.pop(client, None)
-                if previous is not None and previous[1].sha256 != ref.sha256:
-                    self.endpoint.drop_blob(previous[1], client)
                 # the blob is taken once complete, without holding up other clients' updates
-                self.endpoint.want_blob(ref, client, round=r)
-                self.awaiting[client] = (upd, ref, time.time())
+                self.blobs.want(r, client, upd, upd.blob("update"))
                 return
         except InvalidUpdate as exc:
             self.reject(r, client, exc.reason, str(exc), ingest)
             return
         self.ingest(r, client, upd, dict(upd.tensors), ingest, spec, bytes_at_start)
 
-    def take_blobs(self, r: int, ingest: RoundIngest, spec: UpdateSpec, deadline: float,
-                    bytes_at_start: dict) -> None:
-        for client in [c for c, (_, ref, _) in self.awaiting.items() if self.endpoint.blob_done(ref, c)]:
-            upd, ref, _ = self.awaiting.pop(client)
-            try:
-                res = self.endpoint.take_blob(ref, client)
-            except BridgeError as exc:
-                self.reject(r, client, "transport", str(exc), ingest)
-                continue
-            try:
-                data = res.read()
-                tensors = unpack_state(data)
-            except Exception as exc:
-                self.reject(r, client, "names", f"update blob is not a tensor file: {exc}", ingest)
-                continue
-            finally:
-                res.discard()
-            # the blob as received (its SHA-256 checked against the reference) can be the log's
-            # copy of the update when validation leaves the tensors as they came
-            self.ingest(r, client, upd, tensors, ingest, spec, bytes_at_start, raw=(data, ref.sha256))
+    def take_blobs(self, r: int, ingest: RoundIngest, spec: UpdateSpec, bytes_at_start: dict) -> None:
+        for t in self.blobs.take_completed():
+            if t.error is not None:
+                self.reject(r, t.client, *t.error, ingest)
+            else:
+                # the blob as received (its SHA-256 checked against the reference) can be the
+                # log's copy of the update when validation leaves the tensors as they came
+                self.ingest(r, t.client, t.update, t.tensors, ingest, spec, bytes_at_start, raw=t.raw)
 
     def ingest(self, r: int, client: str, upd: Update, tensors: dict, ingest: RoundIngest, spec: UpdateSpec,
                 bytes_at_start: dict, raw: tuple[bytes, str] | None = None) -> None:

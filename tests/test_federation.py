@@ -149,6 +149,11 @@ def test_nan_wrong_shape_and_replayed_updates_are_rejected_with_reasons(fed, mod
         for tensors in (nan, wrong):
             carol.send("aggregator", Update(round=1, algorithm="fedavg", num_examples=5, tensors=tensors), round=1)
             time.sleep(0.5)
+        # a blob that arrives whole and signed but is no tensor file
+        ref = carol.send_blob("aggregator", b"not a tensor file " * 4000, kind="update", round=1)
+        carol.send("aggregator", Update(round=1, algorithm="fedavg", num_examples=5, blobs={"update": ref.to_json()}),
+                   round=1)
+        time.sleep(1.0)
         # a replay: capture a sealed frame and publish it twice through the transport
         frame = carol.sealer.seal("aggregator", "update", encode(Update(round=1, algorithm="fedavg", num_examples=5,
                                                                         tensors=good)), round=1)
@@ -165,6 +170,7 @@ def test_nan_wrong_shape_and_replayed_updates_are_rejected_with_reasons(fed, mod
         wire = {(e.reason, e.client) for e in store.events(kind="wire_rejected")}
         assert ("non_finite", "carol") in rejected
         assert ("shape", "carol") in rejected
+        assert ("names", "carol") in rejected
         assert ("replayed", "carol") in wire
         rs = store.load_round(1, with_partial=False)
         assert rs.accepted == ["alice", "bob", "carol"]  # the good (first) copy counted once
