@@ -36,6 +36,19 @@ Figures (last line ``BENCH quality {...}``):
     python bench/quality.py --algorithm fedcollm,fedpt --quick
     python bench/quality.py --algorithm fedbiot --quick
     python bench/quality.py --algorithm fedmkt --quick
+
+Side by side on one run's baselines (``BENCH`` gains ``variants`` and ``grid``; a second PNG
+shows each variant's headline figure):
+- ``--papers``: each algorithm at its paper's settings (``PAPER_VARIANTS``: FedCoLLM and
+  FedPT on the device's own SLM base, FedPT's server distillation without the task CE,
+  FedMKT with the renormalised top-k, KD skipped where no teacher wins, lambda 0.9, no
+  aligned base and no held-out judge of the LLM's steps), all at once and one choice at a
+  time;
+- ``--grid``: the loss weights (FedCoLLM ``lambda_kd``, FedMKT ``lambda``), each value a run;
+  the value with the lowest LLM dev NLL after the last round is reported as chosen on dev;
+- ``--variant NAME:ALGO.PATH=VALUE[,...]``: any other settings.
+
+    python bench/quality.py --algorithm fedcollm,fedpt,fedmkt --quick --zoo bench --papers --grid
 - fedavg ``--dp``: DP-FedAvg (client-level central DP, :mod:`aggregator.dp`) at epsilon 1, 4
   and 8 (delta 1e-5, every client in every round: q = 1, no amplification by sampling) against
   the same non-private FedAvg: the SLM's mean test NLL of each, ``nll_ratio`` to the
