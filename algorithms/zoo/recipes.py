@@ -19,7 +19,7 @@ MODEL_NAMES = ("llm", "slm-llama", "slm-gpt2")
 #: CPU: the same commit built elsewhere gave domain losses 0.07 nats apart.
 #: - "avx2": ATen, oneDNN and MKL on their AVX2 code paths (MKL's conditional numerical
 #:   reproducibility, ``MKL_CBWR=AVX2``): any Intel CPU with AVX2; fp32, 1.3x the host's fp32
-#:   step time and 2x its bf16 step time (measured on the bench LLM).
+#:   step time and about 3x its bf16 step time (measured on the bench LLM).
 #: - "compatible": the same with MKL's vendor-neutral SSE2 branch (``MKL_CBWR=COMPATIBLE``):
 #:   any x86-64 CPU with AVX2, Intel or AMD, 2.2x slower than "avx2" in the matrix products.
 REPRODUCIBLE_BRANCHES = ("avx2", "compatible")
