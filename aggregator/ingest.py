@@ -152,8 +152,8 @@ class RoundIngest:
         """Fold and log one update (not yet durable: see :meth:`sync`); returns its digest.
         ``update_digest`` None: the digest of the tensors as logged (one serialisation serves
         both). ``tensor_bytes``: a safetensors file of exactly ``update.tensors`` (the blob as
-        received) to log instead of serialising them again. Raises :class:`InvalidUpdate` without changing anything when it cannot be
-        counted."""
+        received) to log instead of serialising them again. Raises :class:`InvalidUpdate`
+        without changing anything when it cannot be counted."""
         self.book.check(client)
         if isinstance(num_examples, bool) or not isinstance(num_examples, int) or num_examples <= 0:
             raise InvalidUpdate("weight", f"num_examples must be a positive integer, got {num_examples!r}",

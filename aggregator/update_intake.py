@@ -53,7 +53,7 @@ class BlobWaiter:
 
     def __init__(self, endpoint: Endpoint) -> None:
         self.endpoint = endpoint
-        self.waiting: dict[str, tuple[Update, BlobRef, float]] = {}
+        self.waiting: dict[str, tuple[Update, BlobRef]] = {}
 
     def __len__(self) -> int:
         return len(self.waiting)
@@ -64,12 +64,12 @@ class BlobWaiter:
         if previous is not None and previous[1].sha256 != ref.sha256:
             self.endpoint.drop_blob(previous[1], client)
         self.endpoint.want_blob(ref, client, round=r)
-        self.waiting[client] = (upd, ref, time.time())
+        self.waiting[client] = (upd, ref)
 
     def take_completed(self) -> Iterator[TakenBlob]:
         """Each blob that completed since the last call, parsed (its parts deleted either way)."""
-        for client in [c for c, (_, ref, _) in self.waiting.items() if self.endpoint.blob_done(ref, c)]:
-            upd, ref, _ = self.waiting.pop(client)
+        for client in [c for c, (_, ref) in self.waiting.items() if self.endpoint.blob_done(ref, c)]:
+            upd, ref = self.waiting.pop(client)
             try:
                 res = self.endpoint.take_blob(ref, client)
             except BridgeError as exc:
@@ -88,7 +88,7 @@ class BlobWaiter:
     def drop_all(self) -> list[str]:
         """Give up every blob still awaited (the step closed); returns their senders."""
         clients = list(self.waiting)
-        for client, (_upd, ref, _) in self.waiting.items():
+        for client, (_upd, ref) in self.waiting.items():
             self.endpoint.drop_blob(ref, client)
         self.waiting = {}
         return clients

@@ -110,7 +110,7 @@ def _server_ctx(bench, llm=None, slm: str | None = None):
 
 
 def run(bench) -> None:
-    cfg = bench.cfg("fedmkt", settings(bench))  # with a variant's overrides (bench --papers, --grid)
+    cfg = bench.cfg("fedmkt")  # settings() with a variant's overrides (bench --papers, --grid)
     bench.results["fedmkt_settings"] = cfg
     bench.results["fedmkt_families"] = {d: family_of(bench, d) for d in bench.domains}
     if "slm_standalone_fedmkt" not in bench.results:  # a variant reuses the run's baseline

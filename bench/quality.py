@@ -202,10 +202,10 @@ class Bench:
         self.overrides: dict = {}  # algorithm -> {dotted path: value}, set by run_variant
         self.t0 = time.time()
 
-    def cfg(self, algo: str, base: dict | None = None) -> dict:
-        """The settings of ``algo`` (``base``: those built elsewhere, e.g. FedMKT's) with the
-        current variant's overrides applied (a deep copy: the adopted settings stay as they are)."""
-        cfg = json.loads(json.dumps(self.s[algo] if base is None else base))
+    def cfg(self, algo: str) -> dict:
+        """The settings of ``algo`` with the current variant's overrides applied (a deep copy:
+        the adopted settings stay as they are)."""
+        cfg = json.loads(json.dumps(self.adopted_settings(algo)))
         for path, value in self.overrides.get(algo, {}).items():
             set_path(cfg, path, value)
         return cfg
@@ -544,7 +544,7 @@ class Bench:
         return r[f"llm_{algo}_dev_curve"][-1]
 
     def adopted_settings(self, algo: str) -> dict:
-        if algo == "fedmkt":
+        if algo == "fedmkt":  # built from the run's own settings by bench/fedmkt_quality.py
             import fedmkt_quality
 
             return fedmkt_quality.settings(self)
